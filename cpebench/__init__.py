@@ -1,0 +1,3 @@
+"""cpebench: concept-erasure benchmark for text-to-image diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,247 @@
+"""``cpebench`` command line: run | erase | generate | score | table | ls | data."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import CpebenchError
+
+log = logging.getLogger("cpebench")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help="erasure method (cpebench ls methods)")
+    p.add_argument("--task", required=True, help="task name or YAML path (cpebench ls tasks)")
+    p.add_argument("--model", help="base model: hub id, local diffusers dir, or 'tiny' (default: the protocol's)")
+    p.add_argument("--revision", help="hub revision (commit) of --model")
+    p.add_argument("--preset", help="preset (cpebench ls presets), e.g. smoke")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (cpu forces a full-size run on CPU)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--limit", type=int, help="first N rows of every prompt set")
+    p.add_argument("--sets", help="comma-separated prompt sets to generate (default: those the metrics use)")
+    p.add_argument("--out", help="runs folder (default runs/)")
+    p.add_argument("--name", help="run name (default <method>-<task>-<model>[-<preset>])")
+    p.add_argument("--data-dir", help="local copy of the data files (else $CPEBENCH_DATA, cache, download)")
+    p.add_argument("--force", action="store_true", help="start an existing run directory anew")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. protocol.steps=25 run.batch_size=4 hparams.lr=1e-5 metrics=nudenet")
+
+
+def _resolve(args):
+    from .config import resolve_run
+
+    flags = {
+        "protocol.model": args.model, "protocol.revision": args.revision, "protocol.dtype": args.dtype,
+        "run.device": args.device, "run.batch_size": args.batch_size, "run.limit": args.limit,
+        "run.out": args.out, "run.name": args.name, "run.data_dir": args.data_dir,
+        "run.sets": args.sets.split(",") if args.sets else None,
+    }
+    from .registry import METHODS
+
+    METHODS.get(args.method)  # unknown method: fail before anything is loaded
+    return resolve_run(args.method, args.task, preset=args.preset, overrides=args.overrides, flags=flags)
+
+
+def cmd_generate(args, then_score: bool = False) -> int:
+    from . import runner
+
+    cfg = _resolve(args)
+    run_dir = runner.prepare_run_dir(cfg, force=args.force)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    stats = runner.generate(cfg, run_dir, progress=not args.quiet)
+    print(f"generated {stats.get('generated', 0)} images, {stats.get('skipped', 0)} already done, "
+          f"{stats.get('flagged', 0)} flagged (NaN/black)", file=sys.stderr)
+    if then_score:
+        summary = runner.score(run_dir, cfg, progress=not args.quiet)
+        from .report import render
+
+        print(render([summary], cfg.task.name, "md"))
+    return 0
+
+
+def cmd_erase(args) -> int:
+    from . import runner
+    from .models import load_pipeline
+
+    cfg = _resolve(args)
+    if args.concepts:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(args.concepts)))
+    device = runner.choose_device(cfg, 0) if cfg.run.device != "auto" else ("cuda" if _cuda() else "cpu")
+    loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device)
+    artifact, path = runner.erase(cfg, loaded)
+    if args.save:
+        path = artifact.save(args.save)
+    print(f"{cfg.method.name}: {len(cfg.task.concepts)} concepts, artifact sha256 {artifact.sha256[:16]}"
+          + (f", saved at {path}" if path else " (no training needed, nothing saved)"))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_score(args) -> int:
+    from . import runner
+    from .report import render
+
+    for d in args.run_dirs:
+        summary = runner.score(Path(d), progress=not args.quiet)
+        print(render([summary], summary["task"], "md"))
+    return 0
+
+
+def cmd_table(args) -> int:
+    from .report import find_summaries, render, tasks_in
+
+    summaries = find_summaries(args.paths)
+    if not summaries:
+        raise CpebenchError(f"no summary.json under {', '.join(args.paths)}; run `cpebench score RUN_DIR` first")
+    tasks = [args.task] if args.task else tasks_in(summaries)
+    text = "\n".join(render(summaries, t, args.format) for t in tasks)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from . import config
+    from .registry import METHODS, METRICS
+
+    what = args.what
+    if what == "methods":
+        for n in METHODS.names():
+            cls = METHODS.get(n)
+            mc = config.load_method_config(n)
+            print(f"{n:12s} {cls.description or mc.description}" + (f"  [source: {mc.source}]" if mc.source else ""))
+    elif what == "metrics":
+        for n in METRICS.names():
+            cls = METRICS.get(n)
+            print(f"{n:12s} {'↑' if cls.higher_is_better else '↓'} {cls.description}")
+    elif what == "tasks":
+        for n in config.task_names():
+            t, _ = config.load_task(n)
+            print(f"{n:12s} {t.description}  [sets: {', '.join(t.prompt_sets)}; metrics: {', '.join(t.metrics) or '-'}]")
+    elif what == "presets":
+        for n in config.preset_names():
+            print(f"{n:12s} {config.load_preset(n).description}")
+    elif what == "prompt-sets":
+        from . import data
+
+        seen = set()
+        for n in config.task_names():
+            t, _ = config.load_task(n)
+            for s, ps in t.prompt_sets.items():
+                if (s, ps.file) in seen:
+                    continue
+                seen.add((s, ps.file))
+                df = data.DATA_FILES.get(ps.file or "")
+                print(f"{s:20s} {ps.format:10s} {ps.file or '(inline)'}" + (f"  [{df.origin}]" if df else ""))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from . import config, data
+
+    if args.action == "list":
+        for name, df in data.DATA_FILES.items():
+            print(f"{name:50s} {df.size:>10,d}  {df.sha256[:12]}  {df.origin}")
+        return 0
+    names: list[str] = []
+    for target in args.targets or ["all"]:
+        if target == "all":
+            names += list(data.DATA_FILES)
+        elif target in data.DATA_FILES:
+            names.append(target)
+        else:
+            task, _ = config.load_task(target)
+            names += [ps.file for ps in task.prompt_sets.values() if ps.file]
+    paths = data.fetch(list(dict.fromkeys(names)), data_dir=args.data_dir, progress=not args.quiet)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="cpebench", description="Concept-erasure benchmark for SD-1.x models")
+    parser.add_argument("--version", action="version", version=f"cpebench {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="erase → generate → score → table")
+    _add_run_args(p)
+    p.set_defaults(func=lambda a: cmd_generate(a, then_score=True))
+    p = sub.add_parser("generate", help="generate the task's images into a run directory (resumable)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("erase", help="train (or load the cached) erased-model artifact")
+    _add_run_args(p)
+    p.add_argument("--concepts", nargs="+", help="concepts to erase instead of the task's")
+    p.add_argument("--save", help="also save the artifact to this directory")
+    p.set_defaults(func=cmd_erase)
+    p = sub.add_parser("score", help="score run directories (resumable) and write summary.json")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(func=cmd_score)
+    p = sub.add_parser("table", help="comparison tables from run summaries")
+    p.add_argument("paths", nargs="+", help="run folders or summary.json files")
+    p.add_argument("--task")
+    p.add_argument("--format", default="md", choices=["md", "csv"])
+    p.add_argument("--output", "-o")
+    p.set_defaults(func=cmd_table)
+    p = sub.add_parser("ls", help="list methods | tasks | metrics | prompt-sets | presets")
+    p.add_argument("what", choices=["methods", "tasks", "metrics", "prompt-sets", "presets"])
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("data", help="fetch / list the pinned data files")
+    p.add_argument("action", choices=["fetch", "list"])
+    p.add_argument("targets", nargs="*", help="task names, file names, or 'all'")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Subcommand options may also come before the subcommand's own arguments; keep -q/-v global.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except CpebenchError as e:
+        print(f"cpebench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cpebench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""Configuration: frozen dataclasses loaded from YAML with ``include:`` inheritance.
+
+A run is resolved from four layers, later ones winning:
+task YAML (which includes the protocol YAML) → method YAML → preset YAML → CLI ``key=value``.
+Every file is checked on its own, so an unknown key is reported with the file it is in.
+The resolved config is saved with every run (``config.yaml``) and compared on resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+from .registry import did_you_mean
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Everything that changes an image. Two results are comparable only if these are equal."""
+
+    name: str = "v1"
+    model: str = "CompVis/stable-diffusion-v1-4"  # hub id, local directory, or "tiny" (in-process test model)
+    revision: str | None = None                   # hub commit; recorded after loading if None
+    scheduler: str = "pndm"                       # see engine.SCHEDULERS
+    steps: int = 50
+    guidance: float = 7.5                         # used where a prompt set has no per-row guidance
+    eta: float = 0.0                              # DDIM only
+    height: int = 512
+    width: int = 512
+    dtype: str = "fp32"                           # fp32 | fp16 | bf16
+    rng: str = "cpu"                              # cpu: one CPU generator per row (v1) | cuda_default (CPE's code)
+
+
+@dataclass(frozen=True)
+class PromptSetConfig:
+    file: str | None = None          # name in data.DATA_FILES, e.g. prompts/I2P_prompts_4703.csv
+    format: str = "inline"           # loader in data.LOADERS, or inline (rows below)
+    split: str = ""                  # erased | remained | coco | ...
+    negative_prompt: str = ""
+    images_per_row: int = 1
+    per_row_guidance: bool = False   # take CFG from the file (I2P evaluation_guidance)
+    drop_empty: bool = False         # protocol row filter (I2P case 2260)
+    dedupe: bool = False             # protocol row filter (character_64 rows 320-324)
+    limit: int | None = None
+    rows: tuple = ()                 # inline rows (format: inline)
+    smoke_rows: tuple = ()           # a few inline rows used by the smoke preset (run.prompts: smoke)
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    prompt_sets: tuple = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = ""
+    description: str = ""
+    concepts: tuple = ()
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    prompt_sets: Mapping[str, PromptSetConfig] = field(default_factory=dict)
+    metrics: Mapping[str, MetricConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = ""
+    description: str = ""
+    source: str = ""                 # paper / code the defaults come from
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    tasks: Mapping[str, Any] = field(default_factory=dict)   # per-task hparam overrides
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Operational settings: they never change an image (except device, which is recorded)."""
+
+    out: str = "runs"
+    name: str | None = None
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    batch_size: int = 8
+    limit: int | None = None         # first N rows of every prompt set
+    prompts: str = "full"            # full | smoke (the task's smoke_rows)
+    sets: tuple = ()                 # prompt sets to generate; () = those the task's metrics use
+    data_dir: str | None = None
+    png_compress_level: int = 6
+
+
+@dataclass(frozen=True)
+class PresetConfig:
+    description: str = ""
+    protocol: Mapping[str, Any] = field(default_factory=dict)
+    run: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: TaskConfig
+    method: MethodConfig
+    protocol: ProtocolConfig
+    run: RunOptions
+    preset: str | None = None
+
+    @property
+    def hparams(self) -> dict:
+        """Method hyperparameters with the task's overrides applied."""
+        out = dict(self.method.hparams)
+        out.update(self.method.tasks.get(self.task.name, {}) or {})
+        return out
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+# Keys of RunConfig.to_dict() that may differ between two invocations of the same run.
+OPERATIONAL_KEYS = ("run.batch_size", "run.out", "run.name", "run.png_compress_level", "run.data_dir", "run.sets")
+
+# --------------------------------------------------------------------------- paths
+
+
+def benchmarks_dir() -> Path:
+    """The benchmarks/ folder (tasks, methods, presets). Overridable for plugins/tests."""
+    env = os.environ.get("CPEBENCH_BENCHMARKS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _yaml_names(kind: str) -> list[str]:
+    d = benchmarks_dir() / kind
+    return sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_")) if d.is_dir() else []
+
+
+def task_names() -> list[str]:
+    return _yaml_names("tasks")
+
+
+def method_config_names() -> list[str]:
+    return _yaml_names("methods")
+
+
+def preset_names() -> list[str]:
+    return _yaml_names("presets")
+
+
+# --------------------------------------------------------------------------- YAML loading
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml_with_includes(path: Path, schema: type, _seen: tuple = ()) -> dict:
+    """Load ``path``; ``include:`` (str or list, relative to the file) is merged underneath.
+    Each file's keys are validated against ``schema`` before merging, so errors name the file."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: include cycle ({' -> '.join(str(p) for p in _seen + (path,))})")
+    data = _read_yaml(path)
+    includes = data.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else list(includes or [])
+    check_keys(data, schema, str(path))
+    merged: dict = {}
+    for inc in includes:
+        merged = deep_merge(merged, load_yaml_with_includes(path.parent / inc, schema, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+# Fields that are a mapping from a user-chosen name to a nested dataclass.
+_NAMED_CHILDREN = {(TaskConfig, "prompt_sets"): PromptSetConfig, (TaskConfig, "metrics"): MetricConfig}
+_NESTED = {(TaskConfig, "protocol"): ProtocolConfig}
+
+
+def check_keys(data: Mapping, schema: type, source: str, prefix: str = "") -> None:
+    """Raise ConfigError naming ``source`` and the dotted key for any key ``schema`` lacks."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    names = {f.name for f in fields(schema)}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {prefix + str(key)!r}.{did_you_mean(str(key), names)}")
+        if (schema, key) in _NESTED and value is not None:
+            check_keys(value, _NESTED[(schema, key)], source, f"{prefix}{key}.")
+        if (schema, key) in _NAMED_CHILDREN and value is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {prefix}{key} must be a mapping of name -> settings")
+            for child_name, child in value.items():
+                check_keys(child or {}, _NAMED_CHILDREN[(schema, key)], source, f"{prefix}{key}.{child_name}.")
+
+
+def _coerce(value: Any, f: dataclasses.Field, source: str, key: str) -> Any:
+    """Light type coercion with a clear error: YAML lists become tuples, ints become floats."""
+    t = str(f.type)
+    if value is None:
+        return None
+    if t.startswith("tuple"):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_freeze(v) for v in value)
+    if t.startswith("Mapping"):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    base = t.split("|")[0].strip()
+    try:
+        if base == "int" and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base == "float" and not isinstance(value, bool):
+            return float(value)
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if base == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be {base}, got {value!r}") from None
+    return value
+
+
+def _freeze(v: Any) -> Any:
+    return dict(v) if isinstance(v, Mapping) else v
+
+
+def build(schema: type, data: Mapping, source: str, prefix: str = ""):
+    check_keys(data, schema, source, prefix)
+    kwargs = {}
+    for f in fields(schema):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        key = prefix + f.name
+        if (schema, f.name) in _NESTED:
+            value = build(_NESTED[(schema, f.name)], value or {}, source, key + ".")
+        elif (schema, f.name) in _NAMED_CHILDREN:
+            child_schema = _NAMED_CHILDREN[(schema, f.name)]
+            value = {str(n): build(child_schema, c or {}, source, f"{key}.{n}.") for n, c in (value or {}).items()}
+        else:
+            value = _coerce(value, f, source, key)
+        kwargs[f.name] = value
+    return schema(**kwargs)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``a.b.c=value`` strings → nested dict; values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"command line: override {item!r} must look like key=value (e.g. protocol.steps=25)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: override {item!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+_OVERRIDE_SECTIONS = ("protocol", "run", "hparams", "prompt_sets", "metrics", "concepts")
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _resolve_yaml(kind: str, name: str, known: list[str]) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    path = benchmarks_dir() / kind / f"{name}.yaml"
+    if not path.exists():
+        singular = kind.rstrip("s")
+        raise ConfigError(f"Unknown {singular} {name!r}.{did_you_mean(name, known)}")
+    return path
+
+
+def load_task(name: str) -> tuple[TaskConfig, dict]:
+    path = _resolve_yaml("tasks", name, task_names())
+    raw = load_yaml_with_includes(path, TaskConfig)
+    raw.setdefault("name", path.stem)
+    return build(TaskConfig, raw, str(path)), raw
+
+
+def load_method_config(name: str) -> MethodConfig:
+    """A method's YAML, or an empty config if the method ships none (third-party plugins)."""
+    path = benchmarks_dir() / "methods" / f"{name}.yaml"
+    if not path.exists():
+        return MethodConfig(name=name)
+    raw = load_yaml_with_includes(path, MethodConfig)
+    raw.setdefault("name", name)
+    return build(MethodConfig, raw, str(path))
+
+
+def load_preset(name: str) -> PresetConfig:
+    path = _resolve_yaml("presets", name, preset_names())
+    return build(PresetConfig, load_yaml_with_includes(path, PresetConfig), str(path))
+
+
+def resolve_run(
+    method: str,
+    task: str,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Build the RunConfig for ``cpebench run/generate``.
+
+    ``flags`` are the explicit CLI options (e.g. {"protocol.model": ..., "run.device": ...}); they
+    win over presets. ``overrides`` are ``key=value`` strings, applied last."""
+    task_cfg, task_raw = load_task(task)
+    method_cfg = load_method_config(method)
+    protocol_raw = dataclasses.asdict(task_cfg.protocol)
+    run_raw: dict = {}
+    if preset:
+        p = load_preset(preset)
+        protocol_raw = deep_merge(protocol_raw, p.protocol)
+        run_raw = deep_merge(run_raw, p.run)
+
+    over = parse_overrides(list(overrides or []))
+    for k, v in (flags or {}).items():
+        if v is not None:
+            over = deep_merge(over, parse_overrides([f"{k}={_yaml_scalar(v)}"]))
+    unknown = [k for k in over if k not in _OVERRIDE_SECTIONS]
+    if unknown:
+        raise ConfigError(
+            f"command line: unknown key {unknown[0]!r}; overrides start with one of "
+            f"{', '.join(_OVERRIDE_SECTIONS)} (e.g. protocol.steps=25, run.batch_size=4)"
+        )
+    protocol_raw = deep_merge(protocol_raw, over.get("protocol", {}))
+    run_raw = deep_merge(run_raw, over.get("run", {}))
+    if any(k in over for k in ("prompt_sets", "metrics", "concepts")):
+        task_over = {k: over[k] for k in ("prompt_sets", "metrics", "concepts") if k in over}
+        if "metrics" in task_over:
+            task_raw = {**task_raw, "metrics": {}}  # metrics=... replaces the list
+            task_over["metrics"] = _metrics_override(task_over["metrics"], task_cfg)
+        task_cfg = build(TaskConfig, deep_merge(task_raw, task_over), "command line")
+    if "hparams" in over:
+        method_cfg = dataclasses.replace(method_cfg, hparams={**method_cfg.hparams, **over["hparams"]})
+
+    protocol_cfg = build(ProtocolConfig, protocol_raw, "command line/preset", "protocol.")
+    run_cfg = build(RunOptions, run_raw, "command line/preset", "run.")
+    for s in run_cfg.sets:
+        if s not in task_cfg.prompt_sets:
+            raise ConfigError(f"run.sets: task {task_cfg.name!r} has no prompt set {s!r}.{did_you_mean(s, task_cfg.prompt_sets)}")
+    return RunConfig(task=task_cfg, method=method_cfg, protocol=protocol_cfg, run=run_cfg, preset=preset)
+
+
+def _metrics_override(value: Any, task: TaskConfig) -> dict:
+    """``metrics=nudenet`` or ``metrics=[a,b]`` keeps only those metrics of the task."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    names = [value] if isinstance(value, str) else list(value)
+    out = {}
+    for n in names:
+        if n not in task.metrics:
+            raise ConfigError(f"command line: metrics: task {task.name!r} has no metric {n!r}.{did_you_mean(n, task.metrics)}")
+        out[n] = dataclasses.asdict(task.metrics[n])
+    return out
+
+
+def _yaml_scalar(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(yaml.safe_dump(x, default_flow_style=True).strip().removesuffix("...").strip() for x in v) + "]"
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+# --------------------------------------------------------------------------- saved configs
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples → lists, mappings → dicts: a YAML/JSON-safe tree."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old: Mapping, new: Mapping, ignore: tuple = OPERATIONAL_KEYS) -> list[str]:
+    """Human-readable list of keys whose values differ (operational keys ignored)."""
+    a, b = flatten(old), flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == i or key.startswith(i + ".") for i in ignore):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return diffs
+
+
+def dump_yaml(tree: Mapping) -> str:
+    return yaml.safe_dump(_plain(tree), sort_keys=False, allow_unicode=True, width=120)

@@ -1,0 +1,121 @@
+"""The Method interface and the erased-model artifact.
+
+A method is one file plus one YAML (``benchmarks/methods/<name>.yaml``): ``erase`` returns an
+``Artifact``; ``apply`` is a context manager that edits the pipeline through ``cpebench.attention``
+and restores it exactly on exit. Register third-party methods under the entry-point group
+``cpebench.methods``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, ContextManager, Mapping, Sequence
+
+from ..errors import CpebenchError
+
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "artifact.json"
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept to erase, exactly as the string the method is given."""
+
+    name: str
+    extras: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Artifact:
+    """An erased model = the base model + these tensors. Saved as safetensors + JSON metadata."""
+
+    method: str
+    tensors: dict = field(default_factory=dict)     # name -> torch.Tensor (only what the method changes)
+    metadata: dict = field(default_factory=dict)    # concepts, hparams, base model, versions, ...
+
+    def save(self, directory: str | Path) -> Path:
+        """Write atomically: a half-written artifact is never found by a later run."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"method": self.method})
+        meta = {"method": self.method, **self.metadata, "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Artifact":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta_path, weights = directory / META_FILE, directory / WEIGHTS_FILE
+        if not meta_path.exists() or not weights.exists():
+            raise CpebenchError(f"{directory} is not a cpebench artifact (needs {META_FILE} and {WEIGHTS_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("weights_sha256") and meta["weights_sha256"] != _sha256(weights):
+            raise CpebenchError(f"{weights}: sha256 does not match {META_FILE}; the artifact is corrupt")
+        method = meta.pop("method")
+        return cls(method=method, tensors=load_file(str(weights)), metadata=meta)
+
+    @property
+    def sha256(self) -> str:
+        """Content hash over tensors and metadata (recorded in every run's protocol card)."""
+        h = hashlib.sha256(self.method.encode())
+        for k in sorted(self.tensors):
+            t = self.tensors[k].detach().contiguous().cpu()
+            h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(json.dumps(self.metadata, sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact_fingerprint(method: str, method_version: str, concepts: Sequence[Concept], hparams: Mapping,
+                         base_model: str, base_revision: str | None, code_version: str) -> str:
+    """Cache key of an erased model: everything that changes its weights."""
+    key = {
+        "method": method, "method_version": method_version, "concepts": [c.name for c in concepts],
+        "hparams": dict(hparams), "base_model": base_model, "base_revision": base_revision, "code": code_version,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Method(abc.ABC):
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    trains: ClassVar[bool] = True          # False: erase is free (no cache needed)
+
+    @abc.abstractmethod
+    def erase(self, pipe, concepts: Sequence[Concept], **hparams) -> Artifact:
+        """Compute the edit for ``concepts`` on ``pipe`` (which must be left unchanged)."""
+
+    @abc.abstractmethod
+    def apply(self, pipe, artifact: Artifact) -> ContextManager:
+        """Context manager: inside, ``pipe`` is the erased model; on exit it is restored bit for bit."""
+
+
+class NoEdit(contextlib.AbstractContextManager):
+    def __exit__(self, *exc):
+        return None

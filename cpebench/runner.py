@@ -1,0 +1,358 @@
+"""The stages of a run: resolve → erase → generate → score → report.
+
+Run directory layout (``runs/<name>/``)::
+
+    config.yaml        the resolved config (checked on resume; a different one is refused)
+    images/<set>/...   PNGs named by row id and image index
+    manifest.jsonl     one line per image: prompt, seed, knobs, sha256, flags
+    generation.json    how the images were made (model revision, scheduler config, artifact, versions)
+    scores.jsonl       one line per (metric, image): per-image details
+    summary.json       metric values + the protocol card
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import data, provenance
+from .config import (MethodConfig, PromptSetConfig, ProtocolConfig, RunConfig, RunOptions, TaskConfig, build,
+                     config_differences, dump_yaml)
+from .engine import MANIFEST, Engine, WorkItem, merge_manifests, plan_items, read_jsonl, read_manifest, shard_from_accelerate
+from .errors import ConfigError, CpebenchError, RunStateError
+from .methods import Artifact, Concept, Method, artifact_fingerprint
+from .metrics import GeneratedImage, Metric
+from .models import TINY, LoadedModel, load_pipeline
+from .registry import METHODS, METRICS
+
+log = logging.getLogger(__name__)
+
+# Rough cost of one SD-1.x image at 512², 50 steps (UNet 677 GFLOP/forward ×2 for CFG, VAE ~2.5 TFLOP),
+# and what a CPU sustains; used only to tell a user why a full run on CPU is a bad idea.
+UNET_FLOP_512 = 677e9
+VAE_FLOP_512 = 2.5e12
+CPU_FLOPS = 3e11
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def run_name(cfg: RunConfig) -> str:
+    if cfg.run.name:
+        return cfg.run.name
+    model = cfg.protocol.model.rstrip("/").split("/")[-1]
+    return f"{cfg.method.name}-{cfg.task.name}-{model}" + (f"-{cfg.preset}" if cfg.preset else "")
+
+
+def prepare_run_dir(cfg: RunConfig, *, force: bool = False) -> Path:
+    """Create or reopen the run directory. A directory made with a different config is refused
+    (listing the keys that differ) unless ``force``, which starts it anew."""
+    run_dir = Path(cfg.run.out) / run_name(cfg)
+    saved = run_dir / "config.yaml"
+    new = cfg.to_dict()
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text()) or {}
+        diffs = config_differences(old, new)
+        if diffs and not force:
+            raise RunStateError(
+                f"{run_dir} was made with a different config; differing keys: {'; '.join(diffs[:8])}"
+                f"{' …' if len(diffs) > 8 else ''}. Use --force to start it anew, or --name for a new run."
+            )
+        if diffs and force:
+            shutil.rmtree(run_dir)
+    elif force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not saved.exists() or force:
+        (run_dir / "config.yaml").write_text(dump_yaml(new))
+    return run_dir
+
+
+def config_from_dict(d: dict, source: str) -> RunConfig:
+    return RunConfig(
+        task=build(TaskConfig, d.get("task", {}), source, "task."),
+        method=build(MethodConfig, d.get("method", {}), source, "method."),
+        protocol=build(ProtocolConfig, d.get("protocol", {}), source, "protocol."),
+        run=build(RunOptions, d.get("run", {}), source, "run."),
+        preset=d.get("preset"),
+    )
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise RunStateError(f"{run_dir} is not a run directory (no config.yaml); create one with `cpebench generate`")
+    return config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def sets_to_generate(cfg: RunConfig) -> list[str]:
+    """The prompt sets the task's metrics use (or run.sets if given), in task order."""
+    if cfg.run.sets:
+        return list(cfg.run.sets)
+    used = {s for m in cfg.task.metrics.values() for s in m.prompt_sets}
+    return [s for s in cfg.task.prompt_sets if s in used]
+
+
+def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord], dict]:
+    """Records of one prompt set plus their provenance (file, sha256, filters)."""
+    ps: PromptSetConfig = cfg.task.prompt_sets[set_name]
+    limit = min(x for x in (ps.limit, cfg.run.limit) if x is not None) if (ps.limit or cfg.run.limit) else None
+    source = f"task {cfg.task.name!r}, prompt set {set_name!r}"
+    if cfg.run.prompts == "smoke":
+        if not ps.smoke_rows:
+            raise ConfigError(f"{source} has no smoke_rows for the smoke preset")
+        recs = data.records_from_inline([dict(r) for r in ps.smoke_rows], split=ps.split, source=source + " smoke_rows")
+        info = {"file": None, "inline": "smoke_rows"}
+    elif ps.format == "inline":
+        recs = data.records_from_inline([dict(r) for r in ps.rows], split=ps.split, source=source)
+        info = {"file": None, "inline": "rows"}
+    else:
+        if not ps.file:
+            raise ConfigError(f"{source}: format {ps.format!r} needs a file")
+        path = data.resolve_data_file(ps.file, cfg.run.data_dir)
+        df = data.DATA_FILES.get(ps.file)
+        recs = data.load_prompt_set(path, ps.format, split=ps.split, drop_empty=ps.drop_empty, dedupe=ps.dedupe)
+        info = {"file": ps.file, "sha256": df.sha256 if df else data.sha256_file(path), "origin": df.origin if df else None,
+                "source": df.url if df else str(path)}
+    if limit is not None:
+        recs = recs[:limit]
+    info.update({"format": ps.format, "rows": len(recs), "drop_empty": ps.drop_empty, "dedupe": ps.dedupe,
+                 "limit": limit, "images_per_row": ps.images_per_row, "negative_prompt": ps.negative_prompt,
+                 "guidance": "per_row (evaluation_guidance)" if ps.per_row_guidance else cfg.protocol.guidance,
+                 "split": ps.split})
+    return recs, info
+
+
+def work_items(cfg: RunConfig) -> tuple[list[WorkItem], dict]:
+    items, infos = [], {}
+    for s in sets_to_generate(cfg):
+        ps = cfg.task.prompt_sets[s]
+        recs, infos[s] = load_records(cfg, s)
+        items += plan_items(s, recs, images_per_row=ps.images_per_row, negative_prompt=ps.negative_prompt,
+                            default_guidance=cfg.protocol.guidance, per_row_guidance=ps.per_row_guidance)
+    return items, infos
+
+
+# --------------------------------------------------------------------------- device
+
+
+def choose_device(cfg: RunConfig, n_images: int) -> str:
+    """``auto`` → CUDA if present. A full-size model on CPU is refused unless --device cpu."""
+    import torch
+
+    requested = cfg.run.device
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if cfg.protocol.model != TINY:
+            p = cfg.protocol
+            scale = (p.height * p.width) / 512**2
+            seconds = n_images * scale * (2 * p.steps * UNET_FLOP_512 + VAE_FLOP_512) / CPU_FLOPS
+            raise CpebenchError(
+                f"no GPU found: {n_images} images with {p.model} at {p.width}x{p.height}, {p.steps} steps would take "
+                f"about {_human(seconds)} on this CPU. Use --preset smoke for the whole pipeline on a tiny model in "
+                f"minutes, or --device cpu to force the full run."
+            )
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise CpebenchError(f"--device {requested}: CUDA is not available on this machine")
+    return requested
+
+
+def _human(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} minutes"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86400:.1f} days"
+
+
+# --------------------------------------------------------------------------- erase
+
+
+def get_method(name: str) -> Method:
+    cls = METHODS.get(name)
+    return cls()
+
+
+def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True) -> tuple[Artifact, Path | None]:
+    """Train (or load the cached) artifact for the task's concepts."""
+    method = get_method(cfg.method.name)
+    concepts = [Concept(c) for c in cfg.task.concepts]
+    hparams = cfg.hparams
+    if not method.trains:
+        return method.erase(loaded.pipe, concepts, **hparams), None
+    key = artifact_fingerprint(method.name, method.version, concepts, hparams, loaded.model_id, loaded.revision,
+                               _code_version_for_cache())
+    path = data.cache_dir() / "artifacts" / method.name / key
+    if cache and (path / "artifact.json").exists():
+        log.info("reusing cached artifact %s", path)
+        return Artifact.load(path), path
+    artifact = method.erase(loaded.pipe, concepts, **hparams)
+    artifact.metadata.update({
+        "concepts": [c.name for c in concepts], "hparams": hparams, "base_model": loaded.model_id,
+        "base_revision": loaded.revision, "code_version": provenance.code_version(), "method_version": method.version,
+        "fingerprint": key, "created": _now(),
+    })
+    return artifact, artifact.save(path)
+
+
+def _code_version_for_cache() -> str:
+    """Package version (not the git hash: a commit that does not touch a method keeps its cache)."""
+    from . import __version__
+
+    return __version__
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
+    items, set_infos = work_items(cfg)
+    if not items:
+        raise ConfigError(f"task {cfg.task.name!r} has nothing to generate (no metric uses a prompt set; pick sets "
+                          f"with --sets {','.join(cfg.task.prompt_sets)})")
+    shard, accel_device = shard_from_accelerate()
+    device = accel_device or choose_device(cfg, len(items))
+    loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device)
+    artifact, artifact_path = erase(cfg, loaded)
+    method = get_method(cfg.method.name)
+    engine = Engine(loaded.pipe, cfg.protocol, device=device, batch_size=cfg.run.batch_size,
+                    png_compress_level=cfg.run.png_compress_level, progress=progress)
+    with method.apply(loaded.pipe, artifact):
+        attention_backend = sorted({type(p).__name__ for k, p in loaded.pipe.unet.attn_processors.items()
+                                    if k.endswith("attn2.processor")})
+        stats = engine.generate(items, run_dir, shard=shard)
+    if shard[1] > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return stats
+    merge_manifests(run_dir, items)
+    entries = read_manifest(run_dir)
+    missing = [it.key for it in items if it.key not in entries]
+    if missing:
+        raise RunStateError(f"{run_dir}: {len(missing)} images missing after generation (first: {missing[0]})")
+    scheduler = engine_scheduler_config(engine)
+    info = {
+        "created": _now(),
+        "model": loaded.info,
+        "method": {"name": method.name, "version": method.version, "concepts": list(cfg.task.concepts),
+                   "hparams": cfg.hparams, "artifact_sha256": artifact.sha256,
+                   "artifact_path": str(artifact_path) if artifact_path else None,
+                   "applies_to_negative_branch": True},
+        "sampler": {"scheduler": scheduler, "steps": cfg.protocol.steps, "eta": cfg.protocol.eta,
+                    "resolution": [cfg.protocol.height, cfg.protocol.width], "dtype": cfg.protocol.dtype,
+                    "attention_processors_attn2": attention_backend, "cfg_formula": "eps_u + s*(eps_c - eps_u)",
+                    "safety_checker": False},
+        "noise": {"rng": cfg.protocol.rng, "granularity": "one generator per prompt row",
+                  "k_images_per_row": "one (k,4,H/8,W/8) float32 draw per row; image i = slice i",
+                  "seed_column": "evaluation_seed"},
+        "prompt_sets": set_infos,
+        "images": {"total": len(items), "flagged": sum(1 for e in entries.values() if e.get("flags")),
+                   "format": "PNG", "naming": "images/<set>/<row id>_<image index>.png"},
+        "hardware": provenance.hardware(device),
+        "versions": provenance.package_versions(),
+        "cpebench": {"version": provenance.code_version(), **provenance.git_state()},
+    }
+    (run_dir / "generation.json").write_text(json.dumps(info, indent=2, default=str))
+    return stats
+
+
+def engine_scheduler_config(engine: Engine) -> dict:
+    from .engine import make_scheduler
+
+    s = make_scheduler(engine.protocol.scheduler, engine.pipe.scheduler.config)
+    return {"class": type(s).__name__, "config": {k: v for k, v in dict(s.config).items() if not k.startswith("_")}}
+
+
+# --------------------------------------------------------------------------- score
+
+
+def build_metric(name: str, options: dict) -> Metric:
+    cls = METRICS.get(name)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise ConfigError(f"metrics.{name}.options: {e}") from None
+
+
+def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True) -> dict:
+    """Score every metric of the task on its prompt sets; resumable; writes summary.json."""
+    run_dir = Path(run_dir)
+    cfg = cfg or load_run_config(run_dir)
+    entries = read_manifest(run_dir)
+    if not entries:
+        raise RunStateError(f"{run_dir}: no images in the manifest; run `cpebench generate` first")
+    scores_path = run_dir / "scores.jsonl"
+    stored: dict[tuple[str, str], dict] = {}
+    for line in read_jsonl(scores_path, repair=True):
+        stored[(line["metric"], line["key"])] = line["details"]
+    results = {}
+    from tqdm.auto import tqdm
+
+    with open(scores_path, "a", encoding="utf-8") as out:
+        for name, mcfg in cfg.task.metrics.items():
+            metric = build_metric(name, dict(mcfg.options))
+            mine = [e for e in entries.values() if e["set"] in mcfg.prompt_sets]
+            if not mine:
+                log.warning("metric %s: no generated images in sets %s", name, list(mcfg.prompt_sets))
+                continue
+            todo = [e for e in mine if (name, e["key"]) not in stored]
+            metric.accumulate([stored[(name, e["key"])] for e in mine if (name, e["key"]) in stored])
+            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc=f"score {name}",
+                       disable=not progress, dynamic_ncols=True)
+            for i in range(0, len(todo), 16):
+                chunk = todo[i : i + 16]
+                images = [GeneratedImage(run_dir / e["file"], e) for e in chunk]
+                for e, det in zip(chunk, metric.update(images)):
+                    out.write(json.dumps({"metric": name, "key": e["key"], "details": det}) + "\n")
+                out.flush()
+                bar.update(len(chunk))
+            bar.close()
+            results[name] = metric.compute()
+    summary = make_summary(run_dir, cfg, results)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
+    return summary
+
+
+def make_summary(run_dir: Path, cfg: RunConfig, results: dict) -> dict:
+    gen_path = run_dir / "generation.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    card = {
+        "protocol": cfg.protocol.name,
+        "model": {"id": cfg.protocol.model, "revision": generation.get("model", {}).get("revision")},
+        "method": generation.get("method"),
+        "sampler": generation.get("sampler"),
+        "guidance": cfg.protocol.guidance,
+        "noise": generation.get("noise"),
+        "prompts": generation.get("prompt_sets"),
+        "detectors": {n: r.info for n, r in results.items()},
+        "hardware": generation.get("hardware"),
+        "versions": generation.get("versions"),
+        "cpebench": generation.get("cpebench"),
+    }
+    return {
+        "task": cfg.task.name, "method": cfg.method.name, "model": cfg.protocol.model, "preset": cfg.preset,
+        "run": run_dir.name, "created": _now(),
+        "metrics": {n: r.to_dict() for n, r in results.items()},
+        "images": generation.get("images"),
+        "protocol_card": card,
+        "config": cfg.to_dict(),
+    }
