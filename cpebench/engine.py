@@ -255,6 +255,7 @@ class Engine:
                  resume: bool = True, extra: dict | None = None) -> dict:
         """Generate this shard's share of ``items`` into ``run_dir``. Returns counts."""
         run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         index, count = shard
         mine = list(items)[index::count]
         manifest = run_dir / (MANIFEST if count == 1 else f"manifest.shard-{index:03d}-of-{count:03d}.jsonl")

@@ -1,0 +1,48 @@
+"""Shared fixtures: offline hub, a private cache, the tiny SD-1.x model saved once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Every test sees one private cache (the tiny model is built into it once)."""
+    cache = os.environ.get("CPEBENCH_TEST_CACHE") or str(tmp_path_factory.mktemp("cpebench-cache"))
+    old = os.environ.get("CPEBENCH_CACHE")
+    os.environ["CPEBENCH_CACHE"] = cache
+    yield Path(cache)
+    if old is None:
+        os.environ.pop("CPEBENCH_CACHE", None)
+    else:
+        os.environ["CPEBENCH_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(_session_cache):
+    from cpebench.models import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """The tiny pipeline loaded through the public loader (from_pretrained on the saved dir)."""
+    from cpebench.models import load_pipeline
+
+    return load_pipeline("tiny")
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

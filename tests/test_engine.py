@@ -1,0 +1,146 @@
+"""Engine: per-row determinism, per-row knobs, NaN handling, resumability, sharding."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cpebench.config import ProtocolConfig
+from cpebench.data import PromptRecord
+from cpebench.engine import (Engine, WorkItem, initial_noise, merge_manifests, plan_items, read_jsonl, read_manifest)
+from cpebench.errors import ConfigError
+
+PROTO = ProtocolConfig(model="tiny", steps=3, height=64, width=64)
+
+
+def rec(i, seed=None, prompt=None, guidance=None):
+    return PromptRecord(id=str(i), prompt=prompt or f"a photo number {i}", seed=seed if seed is not None else 1000 + i,
+                        guidance=guidance, split="test", concept=None)
+
+
+def items(n, **kw):
+    return plan_items("s", [rec(i) for i in range(n)], images_per_row=1, negative_prompt="", default_guidance=7.5,
+                      per_row_guidance=False, **kw)
+
+
+def test_image_does_not_depend_on_its_batch(tiny):
+    eng = Engine(tiny.pipe, PROTO, batch_size=4, progress=False)
+    its = items(4)
+    together, _, _ = eng.denoise(its)
+    alone, _, _ = eng.denoise([its[2]])
+    other, _, _ = eng.denoise([its[3], its[2]])
+    assert np.array_equal(together[2], alone[0]) and np.array_equal(alone[0], other[1])
+    assert not np.array_equal(together[0], together[1])
+
+
+def test_noise_is_one_cpu_draw_per_row():
+    r = rec(0, seed=4290749014)  # I2P seeds exceed int32
+    shape = (4, 8, 8)
+    its = plan_items("s", [r], images_per_row=5, negative_prompt="", default_guidance=7.5, per_row_guidance=False)
+    expected = torch.randn((5, *shape), generator=torch.Generator("cpu").manual_seed(4290749014))
+    for it in its:
+        assert torch.equal(initial_noise(it, shape, "cpu", "cpu"), expected[it.index])
+    with pytest.raises(ConfigError, match="rng"):
+        initial_noise(its[0], shape, "bogus", "cpu")
+
+
+def test_per_row_guidance_and_negative_prompt_matter(tiny):
+    eng = Engine(tiny.pipe, PROTO, progress=False)
+    r = rec(0, guidance=1.0)
+    g_row = plan_items("s", [r], images_per_row=1, negative_prompt="", default_guidance=7.5, per_row_guidance=True)
+    g_default = plan_items("s", [r], images_per_row=1, negative_prompt="", default_guidance=7.5, per_row_guidance=False)
+    neg = plan_items("s", [r], images_per_row=1, negative_prompt="blurry", default_guidance=7.5, per_row_guidance=False)
+    assert g_row[0].guidance == 1.0 and g_default[0].guidance == 7.5
+    a, b, c = (eng.denoise(x)[0][0] for x in (g_row, g_default, neg))
+    assert not np.array_equal(a, b) and not np.array_equal(b, c)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "lms", "euler"])
+def test_schedulers(tiny, scheduler):
+    proto = ProtocolConfig(model="tiny", steps=3, height=64, width=64, scheduler=scheduler)
+    arr, flags, _ = Engine(tiny.pipe, proto, progress=False).denoise(items(1))
+    assert arr.shape == (1, 64, 64, 3) and arr.dtype == np.uint8 and flags == [[]]
+
+
+def test_unknown_scheduler(tiny):
+    with pytest.raises(ConfigError, match="protocol.scheduler"):
+        Engine(tiny.pipe, ProtocolConfig(model="tiny", scheduler="magic", height=64, width=64))
+
+
+def test_generate_writes_pngs_and_manifest(tiny, tmp_path):
+    its = plan_items("s", [rec(0, prompt="x " * 100), rec(1)], images_per_row=2, negative_prompt="neg",
+                     default_guidance=7.5, per_row_guidance=False)
+    stats = Engine(tiny.pipe, PROTO, batch_size=3, progress=False).generate(its, tmp_path)
+    assert stats["generated"] == 4
+    entries = read_manifest(tmp_path)
+    assert sorted(entries) == sorted(it.key for it in its)
+    e = entries["s/0/1"]
+    assert e["negative_prompt"] == "neg" and e["seed"] == 1000 and e["image_index"] == 1
+    assert e["prompt_truncated"] is True and entries["s/1/0"]["prompt_truncated"] is False
+    with Image.open(tmp_path / e["file"]) as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+    # a second call generates nothing
+    assert Engine(tiny.pipe, PROTO, batch_size=3, progress=False).generate(its, tmp_path)["generated"] == 0
+
+
+def test_nan_images_are_recorded_not_fatal(tiny, tmp_path):
+    def poison(module, args, output):
+        return torch.full_like(output, float("nan"))
+
+    handle = tiny.pipe.vae.decoder.register_forward_hook(poison)
+    try:
+        stats = Engine(tiny.pipe, PROTO, progress=False).generate(items(2), tmp_path)
+    finally:
+        handle.remove()
+    assert stats["generated"] == 2 and stats["flagged"] == 2
+    assert all(e["flags"] == ["nan"] for e in read_manifest(tmp_path).values())
+
+
+def test_corrupt_or_missing_png_is_regenerated(tiny, tmp_path):
+    eng = Engine(tiny.pipe, PROTO, batch_size=2, progress=False)
+    its = items(3)
+    eng.generate(its, tmp_path)
+    good = (tmp_path / its[1].file).read_bytes()
+    (tmp_path / its[1].file).write_bytes(good[:20])   # half-written file with a manifest line
+    (tmp_path / its[2].file).unlink()
+    stats = eng.generate(its, tmp_path)
+    assert stats["generated"] == 2
+    assert (tmp_path / its[1].file).read_bytes() == good
+
+
+def test_torn_manifest_line_is_dropped(tiny, tmp_path):
+    eng = Engine(tiny.pipe, PROTO, batch_size=1, progress=False)
+    its = items(2)
+    eng.generate(its, tmp_path)
+    manifest = tmp_path / "manifest.jsonl"
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    manifest.write_bytes(lines[0] + lines[1][:30])          # killed mid-line
+    assert len(read_jsonl(manifest)) == 1
+    assert eng.generate(its, tmp_path)["generated"] == 1
+    assert len(read_jsonl(manifest)) == 2
+
+
+def test_shards_are_disjoint_and_merge_to_the_same_images(tiny, tmp_path):
+    its = items(5)
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    Engine(tiny.pipe, PROTO, batch_size=1, progress=False).generate(its, whole)
+    keys = []
+    for i in range(2):
+        Engine(tiny.pipe, PROTO, batch_size=1, progress=False).generate(its, sharded, shard=(i, 2))
+        keys.append({e["key"] for e in read_jsonl(sharded / f"manifest.shard-{i:03d}-of-002.jsonl")})
+    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 5
+    merge_manifests(sharded, its)
+    merged = [json.loads(l)["key"] for l in (sharded / "manifest.jsonl").read_text().splitlines()]
+    assert merged == [it.key for it in its]
+    assert not list(sharded.glob("manifest.shard-*"))
+    for it in its:
+        assert (whole / it.file).read_bytes() == (sharded / it.file).read_bytes()
+
+
+def test_work_item_file_names_are_safe():
+    it = WorkItem("coco", rec(0, prompt="a/b"), 0, 1, "", 7.5)
+    weird = WorkItem("coco", PromptRecord(id="a/../b c", prompt="p", seed=1, guidance=None, split="", concept=None),
+                     0, 1, "", 7.5)
+    assert it.file == "images/coco/0_0.png" and "/" not in weird.file.split("/", 2)[2]
