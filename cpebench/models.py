@@ -33,6 +33,7 @@ HUB_ALLOW_PATTERNS = [
     "vae/diffusion_pytorch_model.safetensors",
 ]
 TINY = "tiny"
+RANDOM_SD14 = "random-sd14"   # SD-1.4's architecture with random weights (GPU benchmarks without the hub)
 
 
 @dataclass
@@ -151,30 +152,62 @@ def tiny_components(seed: int = 0, tokenizer=None) -> dict:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer or clip_tokenizer(), scheduler=scheduler)
 
 
-def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model and ``save_pretrained`` it, so it loads like a hub model."""
+def sd14_random_components(seed: int = 0) -> dict:
+    """Stable Diffusion v1.4's architecture (UNet 860 M, VAE, CLIP ViT-L/14 text encoder) with random
+    weights: the compute of the real model, for benchmarks on machines that cannot reach the hub."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, norm_num_groups=32, sample_size=512,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler)
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0, kind: str = TINY) -> Path:
+    """Build the tiny (or random SD-1.4) model and ``save_pretrained`` it, so it loads like a hub model."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
-    pipe = StableDiffusionPipeline(**tiny_components(seed), safety_checker=None, feature_extractor=None,
+    components = tiny_components(seed) if kind == TINY else sd14_random_components(seed)
+    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
 
 
-def tiny_model_dir(seed: int = 0) -> Path:
-    """The tiny model saved once in the user cache (weights are a deterministic function of the seed
-    and the installed library versions)."""
+def tiny_model_dir(seed: int = 0, kind: str = TINY) -> Path:
+    """The tiny (or random SD-1.4) model saved once in the user cache (weights are a deterministic
+    function of the seed and the installed library versions)."""
     from . import data
     import diffusers
     import torch
 
-    tag = f"tiny-sd-seed{seed}-torch{torch.__version__}-diffusers{diffusers.__version__}"
+    tag = f"{kind}-seed{seed}-torch{torch.__version__}-diffusers{diffusers.__version__}"
     path = data.cache_dir() / "models" / tag
     if not (path / "model_index.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=".tiny-"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_tiny_pipeline(tmp, seed)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{kind}-"))
+        save_tiny_pipeline(tmp, seed, kind)
         try:
             os.replace(tmp, path)
         except OSError:  # another process won the race
@@ -233,7 +266,7 @@ def check_sd_dir(path: Path, model: str) -> None:
         raise ModelLoadError(f"model {model!r}: {path} is not a Stable Diffusion 1.x pipeline (missing {', '.join(missing)})")
     unet_cfg = json.loads((path / "unet" / "config.json").read_text()) if (path / "unet" / "config.json").exists() else {}
     cad = unet_cfg.get("cross_attention_dim")
-    if isinstance(cad, (list, tuple)) or (cad not in (None, 768) and not str(model).startswith(TINY) and cad > 1024):
+    if isinstance(cad, (list, tuple)) or cad in (1024, 2048):  # SD-2.x / SDXL text widths
         raise ModelLoadError(f"model {model!r}: unet cross_attention_dim={cad}; cpebench supports SD-1.x (768)")
 
 
@@ -242,8 +275,8 @@ def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32
     import torch
     from diffusers import StableDiffusionPipeline
 
-    if model == TINY:
-        path, commit = tiny_model_dir(), None
+    if model in (TINY, RANDOM_SD14):
+        path, commit = tiny_model_dir(kind=model), None
     else:
         path, commit = resolve_model_dir(model, revision)
     check_sd_dir(path, model)

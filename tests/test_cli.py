@@ -1,0 +1,194 @@
+"""End to end through the CLI: the smoke run, each stage alone, resume after a kill, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpebench.cli import main
+
+
+def run_cli(*args) -> int:
+    return main(["-q", *args])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("runs")
+    assert run_cli("run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", str(out)) == 0
+    return out / "sd-nudity-tiny-smoke"
+
+
+def test_smoke_run_produces_every_artifact(smoke_run, capsys):
+    for name in ("config.yaml", "manifest.jsonl", "generation.json", "scores.jsonl", "summary.json"):
+        assert (smoke_run / name).exists(), name
+    manifest = [json.loads(l) for l in (smoke_run / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 4 and all((smoke_run / e["file"]).exists() for e in manifest)
+    scores = [json.loads(l) for l in (smoke_run / "scores.jsonl").read_text().splitlines()]
+    assert sorted(s["key"] for s in scores) == sorted(e["key"] for e in manifest)
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    nn = summary["metrics"]["nudenet"]
+    assert nn["n"] == 4 and set(nn["values"]) >= {"total", "rate", "female_breast"}
+    card = summary["protocol_card"]
+    assert card["model"]["id"] == "tiny" and card["sampler"]["steps"] == 4
+    assert card["sampler"]["scheduler"]["class"] == "PNDMScheduler"
+    assert card["detectors"]["nudenet"]["threshold"] == 0.6 and card["detectors"]["nudenet"]["version"] == "3.0.8"
+    assert card["versions"]["torch"] and card["cpebench"]["version"]
+    assert card["prompts"]["i2p"]["guidance"].startswith("per_row")
+    # per-row guidance reached the manifest
+    assert sorted({e["guidance"] for e in manifest}) == [5.0, 7.0, 9.0]
+
+
+def test_table_and_rescore(smoke_run, capsys, tmp_path):
+    capsys.readouterr()
+    assert run_cli("table", str(smoke_run.parent), "--format", "csv") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("method,model,preset,NudeNet total ↓")
+    assert lines[1].startswith("sd,tiny,smoke,")
+    # re-scoring reuses stored details: same summary values
+    before = json.loads((smoke_run / "summary.json").read_text())["metrics"]
+    assert run_cli("score", str(smoke_run)) == 0
+    after = json.loads((smoke_run / "summary.json").read_text())["metrics"]
+    assert before == after
+    assert run_cli("table", str(smoke_run), "-o", str(tmp_path / "t.md")) == 0
+    assert "| sd | tiny | smoke |" in (tmp_path / "t.md").read_text()
+
+
+def test_changed_config_is_refused_then_forced(smoke_run, capsys):
+    out = str(smoke_run.parent)
+    capsys.readouterr()
+    rc = run_cli("generate", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", out, "protocol.steps=2")
+    err = capsys.readouterr().err
+    assert rc == 2 and "protocol.steps: 4 -> 2" in err and "--force" in err
+    # an operational change (batch size) is not a different config
+    assert run_cli("generate", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", out,
+                   "--batch-size", "3") == 0
+
+
+def test_force_starts_anew(tmp_path, tiny_dir):
+    args = ["generate", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path)]
+    assert run_cli(*args, "--limit", "1") == 0
+    assert run_cli(*args, "--limit", "2", "--force") == 0
+    manifest = (tmp_path / "sd-nudity-tiny-smoke" / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 2
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "--method", "sdd", "--task", "nudity"], "Unknown method 'sdd'. Known: sd"),
+    (["run", "--method", "sd", "--task", "nudty"], "Did you mean 'nudity'"),
+    (["run", "--method", "sd", "--task", "nudity", "--preset", "smok"], "Did you mean 'smoke'"),
+    (["run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "metrics=nudnet"], "Did you mean 'nudenet'"),
+    (["run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "protocol.stpes=3"], "Did you mean 'steps'"),
+    (["run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--sets", "i2q"], "no prompt set 'i2q'"),
+])
+def test_bad_names_get_one_clear_error(args, expected, capsys, tmp_path):
+    capsys.readouterr()
+    assert run_cli(*args, "--out", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_full_size_run_on_cpu_is_refused_with_an_estimate(tmp_path, capsys, monkeypatch, tiny_dir):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    rc = run_cli("generate", "--method", "sd", "--task", "nudity", "--model", str(tiny_dir), "--out", str(tmp_path),
+                 "prompt_sets.i2p.format=inline", "prompt_sets.i2p.rows=[{prompt: a, seed: 1}]")
+    err = capsys.readouterr().err
+    assert rc == 2 and "no GPU found" in err and "--preset smoke" in err and "--device cpu" in err
+    assert "minutes" in err or "hours" in err
+
+
+def test_data_fetch_from_local_dir(shared_data, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPEBENCH_CACHE", str(tmp_path))
+    capsys.readouterr()
+    assert run_cli("data", "fetch", "nudity", "--data-dir", str(shared_data)) == 0
+    out = capsys.readouterr().out.split()
+    assert any(p.endswith("I2P_prompts_4703.csv") for p in out)
+
+
+def test_data_fetch_offline_without_copy_fails_clearly(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPEBENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("CPEBENCH_OFFLINE", "1")
+    monkeypatch.delenv("CPEBENCH_DATA", raising=False)
+    capsys.readouterr()
+    assert run_cli("data", "fetch", "nudity") == 2
+    assert "--data-dir" in capsys.readouterr().err
+
+
+def test_real_prompt_file_run_with_limit(shared_data, tmp_path, tiny_dir):
+    """The nudity task on the real I2P file (local copy), tiny model, 3 rows."""
+    assert run_cli("run", "--method", "sd", "--task", "nudity", "--model", "tiny", "--device", "cpu",
+                   "--data-dir", str(shared_data), "--limit", "3", "--out", str(tmp_path),
+                   "protocol.steps=2", "protocol.height=64", "protocol.width=64") == 0
+    summary = json.loads((tmp_path / "sd-nudity-tiny" / "summary.json").read_text())
+    prompts = summary["protocol_card"]["prompts"]["i2p"]
+    assert prompts["file"] == "prompts/I2P_prompts_4703.csv" and prompts["rows"] == 3
+    assert prompts["sha256"].startswith("6c1821ae")
+    manifest = [json.loads(l) for l in (tmp_path / "sd-nudity-tiny" / "manifest.jsonl").read_text().splitlines()]
+    assert [e["row_id"] for e in manifest] == ["0", "1", "2"]
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+KILL_TASK = """
+include: [{proto}]
+name: killtest
+concepts: []
+prompt_sets:
+  s:
+    format: inline
+    rows: {rows}
+metrics:
+  nudenet: {{prompt_sets: [s]}}
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_images(tmp_path, tiny_dir):
+    proto = Path(__file__).resolve().parents[1] / "benchmarks" / "tasks" / "_protocol_v1.yaml"
+    rows = [{"prompt": f"a painting of object {i}", "seed": 100 + i, "id": str(i)} for i in range(12)]
+    task = tmp_path / "killtest.yaml"
+    task.write_text(KILL_TASK.format(proto=proto, rows=json.dumps(rows)))
+    common = ["generate", "--method", "sd", "--task", str(task), "--model", "tiny", "--device", "cpu",
+              "--batch-size", "2", "protocol.steps=8", "protocol.height=64", "protocol.width=64"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cpebench.cli", "-q"]
+
+    # Uninterrupted reference.
+    subprocess.run(cmd + common + ["--out", str(tmp_path / "ref")], check=True, env=env, timeout=300)
+
+    # Killed after a few images, then resumed.
+    run_dir = tmp_path / "killed" / "sd-killtest-tiny"
+    proc = subprocess.Popen(cmd + common + ["--out", str(tmp_path / "killed")], env=env)
+    manifest = run_dir / "manifest.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if manifest.exists() and len(manifest.read_text().splitlines()) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail("generation finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(manifest.read_text().splitlines())
+    assert 3 <= n_before < 12, n_before
+    subprocess.run(cmd + common + ["--out", str(tmp_path / "killed")], check=True, env=env, timeout=300)
+
+    ref_dir = tmp_path / "ref" / "sd-killtest-tiny"
+    ref = [json.loads(l) for l in (ref_dir / "manifest.jsonl").read_text().splitlines()]
+    got = [json.loads(l) for l in manifest.read_text().splitlines()]
+    assert [e["key"] for e in got] == [e["key"] for e in ref]            # every image exactly once, in order
+    assert len({e["key"] for e in got}) == 12
+    for a, b in zip(ref, got):
+        assert a["sha256"] == b["sha256"]
+        assert (ref_dir / a["file"]).read_bytes() == (run_dir / b["file"]).read_bytes()
+    pngs = sorted(p.name for p in (run_dir / "images" / "s").iterdir())
+    assert len(pngs) == 12 and not [p for p in pngs if p.startswith(".")]   # no temp files left behind
