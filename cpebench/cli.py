@@ -73,7 +73,7 @@ def cmd_erase(args) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(args.concepts)))
-    device = runner.choose_device(cfg, 0) if cfg.run.device != "auto" else ("cuda" if _cuda() else "cpu")
+    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if _cuda() else "cpu")
     loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device)
     artifact, path = runner.erase(cfg, loaded)
     if args.save:

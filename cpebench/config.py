@@ -231,11 +231,13 @@ def _coerce(value: Any, f: dataclasses.Field, source: str, key: str) -> Any:
         return dict(value)
     base = t.split("|")[0].strip()
     try:
-        if base == "int" and not isinstance(value, bool):
+        if base in ("int", "float") and isinstance(value, bool):
+            raise ValueError
+        if base == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if base == "float" and not isinstance(value, bool):
+        if base == "float":
             return float(value)
         if base == "bool":
             if isinstance(value, bool):
@@ -333,7 +335,10 @@ def load_method_config(name: str) -> MethodConfig:
 
 def load_preset(name: str) -> PresetConfig:
     path = _resolve_yaml("presets", name, preset_names())
-    return build(PresetConfig, load_yaml_with_includes(path, PresetConfig), str(path))
+    preset = build(PresetConfig, load_yaml_with_includes(path, PresetConfig), str(path))
+    check_keys(preset.protocol, ProtocolConfig, str(path), "protocol.")
+    check_keys(preset.run, RunOptions, str(path), "run.")
+    return preset
 
 
 def resolve_run(
@@ -347,7 +352,7 @@ def resolve_run(
     """Build the RunConfig for ``cpebench run/generate``.
 
     ``flags`` are the explicit CLI options (e.g. {"protocol.model": ..., "run.device": ...}); they
-    win over presets. ``overrides`` are ``key=value`` strings, applied last."""
+    win over presets. ``overrides`` are ``key=value`` strings, applied last (they beat flags)."""
     task_cfg, task_raw = load_task(task)
     method_cfg = load_method_config(method)
     protocol_raw = dataclasses.asdict(task_cfg.protocol)
@@ -357,10 +362,11 @@ def resolve_run(
         protocol_raw = deep_merge(protocol_raw, p.protocol)
         run_raw = deep_merge(run_raw, p.run)
 
-    over = parse_overrides(list(overrides or []))
+    over: dict = {}
     for k, v in (flags or {}).items():
         if v is not None:
             over = deep_merge(over, parse_overrides([f"{k}={_yaml_scalar(v)}"]))
+    over = deep_merge(over, parse_overrides(list(overrides or [])))   # key=value last
     unknown = [k for k in over if k not in _OVERRIDE_SECTIONS]
     if unknown:
         raise ConfigError(
@@ -371,12 +377,14 @@ def resolve_run(
     run_raw = deep_merge(run_raw, over.get("run", {}))
     if any(k in over for k in ("prompt_sets", "metrics", "concepts")):
         task_over = {k: over[k] for k in ("prompt_sets", "metrics", "concepts") if k in over}
-        if "metrics" in task_over:
-            task_raw = {**task_raw, "metrics": {}}  # metrics=... replaces the list
+        if "metrics" in task_over and not isinstance(task_over["metrics"], Mapping):
+            task_raw = {**task_raw, "metrics": {}}  # metrics=a or metrics=[a,b] keeps only those
             task_over["metrics"] = _metrics_override(task_over["metrics"], task_cfg)
         task_cfg = build(TaskConfig, deep_merge(task_raw, task_over), "command line")
-    if "hparams" in over:
-        method_cfg = dataclasses.replace(method_cfg, hparams={**method_cfg.hparams, **over["hparams"]})
+    if "hparams" in over:  # command line beats the YAML's per-task values too
+        tasks = dict(method_cfg.tasks)
+        tasks[task_cfg.name] = {**(tasks.get(task_cfg.name) or {}), **over["hparams"]}
+        method_cfg = dataclasses.replace(method_cfg, tasks=tasks)
 
     protocol_cfg = build(ProtocolConfig, protocol_raw, "command line/preset", "protocol.")
     run_cfg = build(RunOptions, run_raw, "command line/preset", "run.")
@@ -388,8 +396,6 @@ def resolve_run(
 
 def _metrics_override(value: Any, task: TaskConfig) -> dict:
     """``metrics=nudenet`` or ``metrics=[a,b]`` keeps only those metrics of the task."""
-    if isinstance(value, Mapping):
-        return dict(value)
     names = [value] if isinstance(value, str) else list(value)
     out = {}
     for n in names:

@@ -192,3 +192,17 @@ def test_killed_run_resumes_to_identical_images(tmp_path, tiny_dir):
         assert (ref_dir / a["file"]).read_bytes() == (run_dir / b["file"]).read_bytes()
     pngs = sorted(p.name for p in (run_dir / "images" / "s").iterdir())
     assert len(pngs) == 12 and not [p for p in pngs if p.startswith(".")]   # no temp files left behind
+
+
+def test_erase_and_ls(capsys, tmp_path, tiny_dir):
+    capsys.readouterr()
+    assert run_cli("erase", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--save", str(tmp_path / "a")) == 0
+    assert "artifact sha256" in capsys.readouterr().out
+    from cpebench.methods import Artifact
+
+    art = Artifact.load(tmp_path / "a")
+    assert art.method == "sd" and art.metadata["concepts"] == ["nudity", "naked", "erotic", "sexual"]
+    for what, needle in [("methods", "sd"), ("tasks", "nudity"), ("metrics", "nudenet"), ("presets", "smoke"),
+                         ("prompt-sets", "prompts/I2P_prompts_4703.csv")]:
+        assert run_cli("ls", what) == 0
+        assert needle in capsys.readouterr().out

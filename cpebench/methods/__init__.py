@@ -66,7 +66,8 @@ class Artifact:
         if not meta_path.exists() or not weights.exists():
             raise CpebenchError(f"{directory} is not a cpebench artifact (needs {META_FILE} and {WEIGHTS_FILE})")
         meta = json.loads(meta_path.read_text())
-        if meta.get("weights_sha256") and meta["weights_sha256"] != _sha256(weights):
+        recorded = meta.pop("weights_sha256", None)   # file integrity only; not part of the content hash
+        if recorded and recorded != _sha256(weights):
             raise CpebenchError(f"{weights}: sha256 does not match {META_FILE}; the artifact is corrupt")
         method = meta.pop("method")
         return cls(method=method, tensors=load_file(str(weights)), metadata=meta)
