@@ -323,11 +323,25 @@ class Engine:
         }
 
 
-def shard_from_accelerate() -> tuple[tuple[int, int], str | None]:
-    """(index, count) and device when launched with ``accelerate launch``; (0, 1) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def distributed_shard() -> tuple[tuple[int, int], str | None]:
+    """(index, count) and device when started by ``accelerate launch`` or ``torchrun`` (they set
+    RANK/WORLD_SIZE/LOCAL_RANK); ((0, 1), None) otherwise. Joins the process group for the barrier."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return (0, 1), None
-    from accelerate import PartialState
+    import torch.distributed as dist
 
-    state = PartialState()
-    return (state.process_index, state.num_processes), str(state.device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return (rank, world), device
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

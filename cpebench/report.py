@@ -32,7 +32,7 @@ def find_summaries(paths: Iterable[str | Path]) -> list[dict]:
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+    if isinstance(v, float) and v.is_integer():   # counts
         return str(int(v))
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"

@@ -25,7 +25,7 @@ import yaml
 from . import data, provenance
 from .config import (MethodConfig, PromptSetConfig, ProtocolConfig, RunConfig, RunOptions, TaskConfig, build,
                      config_differences, dump_yaml)
-from .engine import MANIFEST, Engine, WorkItem, merge_manifests, plan_items, read_jsonl, read_manifest, shard_from_accelerate
+from .engine import MANIFEST, Engine, WorkItem, barrier, distributed_shard, merge_manifests, plan_items, read_jsonl, read_manifest
 from .errors import ConfigError, CpebenchError, RunStateError
 from .methods import Artifact, Concept, Method, artifact_fingerprint
 from .metrics import GeneratedImage, Metric
@@ -226,7 +226,7 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
     if not items:
         raise ConfigError(f"task {cfg.task.name!r} has nothing to generate (no metric uses a prompt set; pick sets "
                           f"with --sets {','.join(cfg.task.prompt_sets)})")
-    shard, accel_device = shard_from_accelerate()
+    shard, accel_device = distributed_shard()
     device = accel_device or choose_device(cfg, len(items))
     loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device)
     artifact, artifact_path = erase(cfg, loaded)
@@ -238,11 +238,8 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
                                     if k.endswith("attn2.processor")})
         stats = engine.generate(items, run_dir, shard=shard)
     if shard[1] > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
-        state.wait_for_everyone()
-        if not state.is_main_process:
+        barrier()               # every shard's manifest is complete before rank 0 merges them
+        if shard[0] != 0:
             return stats
     merge_manifests(run_dir, items)
     entries = read_manifest(run_dir)

@@ -206,3 +206,19 @@ def test_erase_and_ls(capsys, tmp_path, tiny_dir):
                          ("prompt-sets", "prompts/I2P_prompts_4703.csv")]:
         assert run_cli("ls", what) == 0
         assert needle in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_two_shards_match_single_process(tmp_path, tiny_dir, smoke_run):
+    """Two processes (as accelerate/torchrun start them) write disjoint shards merged into one manifest,
+    with the same bytes as the single-process smoke run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cpebench.cli", "-q",
+           "run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env={**os.environ}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("generated 2 images") == 2
+    run_dir = tmp_path / "sd-nudity-tiny-smoke"
+    got = [json.loads(l) for l in (run_dir / "manifest.jsonl").read_text().splitlines()]
+    ref = [json.loads(l) for l in (smoke_run / "manifest.jsonl").read_text().splitlines()]
+    assert [(e["key"], e["sha256"]) for e in got] == [(e["key"], e["sha256"]) for e in ref]
+    assert len((run_dir / "scores.jsonl").read_text().splitlines()) == 4   # scored once, by rank 0
