@@ -78,7 +78,7 @@ def cmd_erase(args) -> int:
     artifact, path = runner.erase(cfg, loaded)
     if args.save:
         path = artifact.save(args.save)
-    print(f"{cfg.method.name}: {len(cfg.task.concepts)} concepts, artifact sha256 {artifact.sha256[:16]}"
+    print(f"{cfg.method.name}: {len(artifact.metadata.get('concepts', []))} concepts, artifact sha256 {artifact.sha256[:16]}"
           + (f", saved at {path}" if path else " (no training needed, nothing saved)"))
     return 0
 

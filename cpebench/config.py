@@ -66,6 +66,7 @@ class TaskConfig:
     name: str = ""
     description: str = ""
     concepts: tuple = ()
+    concepts_from: str | None = None   # or: the distinct `concept`s of this prompt set, in file order
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     prompt_sets: Mapping[str, PromptSetConfig] = field(default_factory=dict)
     metrics: Mapping[str, MetricConfig] = field(default_factory=dict)
@@ -388,6 +389,9 @@ def resolve_run(
 
     protocol_cfg = build(ProtocolConfig, protocol_raw, "command line/preset", "protocol.")
     run_cfg = build(RunOptions, run_raw, "command line/preset", "run.")
+    if task_cfg.concepts_from and task_cfg.concepts_from not in task_cfg.prompt_sets:
+        raise ConfigError(f"task {task_cfg.name!r}: concepts_from names no prompt set "
+                          f"({task_cfg.concepts_from!r}).{did_you_mean(task_cfg.concepts_from, task_cfg.prompt_sets)}")
     for s in run_cfg.sets:
         if s not in task_cfg.prompt_sets:
             raise ConfigError(f"run.sets: task {task_cfg.name!r} has no prompt set {s!r}.{did_you_mean(s, task_cfg.prompt_sets)}")

@@ -272,7 +272,6 @@ def check_sd_dir(path: Path, model: str) -> None:
 
 def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
     """Load an SD-1.x pipeline with no safety checker. ``model`` = hub id, local dir, or "tiny"."""
-    import torch
     from diffusers import StableDiffusionPipeline
 
     if model in (TINY, RANDOM_SD14):

@@ -18,14 +18,13 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from . import data, provenance
 from .config import (MethodConfig, PromptSetConfig, ProtocolConfig, RunConfig, RunOptions, TaskConfig, build,
                      config_differences, dump_yaml)
-from .engine import MANIFEST, Engine, WorkItem, barrier, distributed_shard, merge_manifests, plan_items, read_jsonl, read_manifest
+from .engine import Engine, WorkItem, barrier, distributed_shard, merge_manifests, plan_items, read_jsonl, read_manifest
 from .errors import ConfigError, CpebenchError, RunStateError
 from .methods import Artifact, Concept, Method, artifact_fingerprint
 from .metrics import GeneratedImage, Metric
@@ -119,7 +118,7 @@ def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord]
     else:
         if not ps.file:
             raise ConfigError(f"{source}: format {ps.format!r} needs a file")
-        path = data.resolve_data_file(ps.file, cfg.run.data_dir)
+        path = data.resolve_data_file(ps.file, cfg.run.data_dir, progress=True)
         df = data.DATA_FILES.get(ps.file)
         recs = data.load_prompt_set(path, ps.format, split=ps.split, drop_empty=ps.drop_empty, dedupe=ps.dedupe)
         info = {"file": ps.file, "sha256": df.sha256 if df else data.sha256_file(path), "origin": df.origin if df else None,
@@ -180,6 +179,15 @@ def _human(seconds: float) -> str:
 # --------------------------------------------------------------------------- erase
 
 
+def task_concepts(cfg: RunConfig) -> list[str]:
+    """The concepts to erase: the task's list, or the distinct concepts of ``concepts_from``'s prompt set."""
+    if cfg.task.concepts or not cfg.task.concepts_from:
+        return list(cfg.task.concepts)
+    records, _ = load_records(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, limit=None)),
+                              cfg.task.concepts_from)
+    return list(dict.fromkeys(r.concept for r in records if r.concept))
+
+
 def get_method(name: str) -> Method:
     cls = METHODS.get(name)
     return cls()
@@ -188,7 +196,7 @@ def get_method(name: str) -> Method:
 def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True) -> tuple[Artifact, Path | None]:
     """Train (or load the cached) artifact for the task's concepts."""
     method = get_method(cfg.method.name)
-    concepts = [Concept(c) for c in cfg.task.concepts]
+    concepts = [Concept(c) for c in task_concepts(cfg)]
     hparams = cfg.hparams
     if not method.trains:
         return method.erase(loaded.pipe, concepts, **hparams), None
@@ -250,7 +258,7 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
     info = {
         "created": _now(),
         "model": loaded.info,
-        "method": {"name": method.name, "version": method.version, "concepts": list(cfg.task.concepts),
+        "method": {"name": method.name, "version": method.version, "concepts": task_concepts(cfg),
                    "hparams": cfg.hparams, "artifact_sha256": artifact.sha256,
                    "artifact_path": str(artifact_path) if artifact_path else None,
                    "applies_to_negative_branch": True},

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cpebench.cli import main
 
@@ -222,3 +221,14 @@ def test_torchrun_two_shards_match_single_process(tmp_path, tiny_dir, smoke_run)
     ref = [json.loads(l) for l in (smoke_run / "manifest.jsonl").read_text().splitlines()]
     assert [(e["key"], e["sha256"]) for e in got] == [(e["key"], e["sha256"]) for e in ref]
     assert len((run_dir / "scores.jsonl").read_text().splitlines()) == 4   # scored once, by rank 0
+
+
+def test_artist_concepts_come_from_the_erased_set(shared_data):
+    from cpebench.config import resolve_run
+    from cpebench.runner import task_concepts
+
+    cfg = resolve_run("sd", "artist", flags={"run.data_dir": str(shared_data), "run.limit": 2})
+    concepts = task_concepts(cfg)
+    assert len(concepts) == 100 and concepts[0] == "Brent Heighton" and concepts[-1] == "Clemens Ascher"
+    smoke = resolve_run("sd", "artist", preset="smoke")
+    assert task_concepts(smoke) == ["Brent Heighton"]   # the smoke rows stand in for the file

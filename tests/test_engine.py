@@ -144,3 +144,16 @@ def test_work_item_file_names_are_safe():
     weird = WorkItem("coco", PromptRecord(id="a/../b c", prompt="p", seed=1, guidance=None, split="", concept=None),
                      0, 1, "", 7.5)
     assert it.file == "images/coco/0_0.png" and "/" not in weird.file.split("/", 2)[2]
+
+
+def test_black_images_are_flagged(tiny, tmp_path):
+    def black(module, args, output):
+        return torch.full_like(output, -1.0)   # decodes to pixel value 0
+
+    handle = tiny.pipe.vae.decoder.register_forward_hook(black)
+    try:
+        stats = Engine(tiny.pipe, PROTO, progress=False).generate(items(1), tmp_path)
+    finally:
+        handle.remove()
+    assert stats["flagged"] == 1
+    assert [e["flags"] for e in read_manifest(tmp_path).values()] == [["black"]]

@@ -11,7 +11,6 @@ measured in the same run. Absolute figures mean something only on a GPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
