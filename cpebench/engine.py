@@ -80,7 +80,19 @@ def make_scheduler(name: str, base_config):
 
     if name not in SCHEDULERS:
         raise ConfigError(f"protocol.scheduler: unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(base_config)
+    cls = getattr(diffusers, SCHEDULERS[name])
+    scheduler = cls.from_config(base_config)
+    # As diffusers' StableDiffusionPipeline does on load: SD-1.x needs steps_offset=1, and x0 clipping
+    # (DDIM's default clip_sample=True) is meant for pixel-space models, not SD's latents.
+    fixes = {}
+    if getattr(scheduler.config, "clip_sample", False):
+        fixes["clip_sample"] = False
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if not fixes:
+        return scheduler
+    public = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}  # _use_default_values would undo fixes
+    return cls.from_config({**public, **fixes})
 
 
 def initial_noise(item: WorkItem, shape: tuple, rng: str, device) -> torch.Tensor:

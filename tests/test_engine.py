@@ -157,3 +157,28 @@ def test_black_images_are_flagged(tiny, tmp_path):
         handle.remove()
     assert stats["flagged"] == 1
     assert [e["flags"] for e in read_manifest(tmp_path).values()] == [["black"]]
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "lms", "ddim"])
+def test_engine_matches_diffusers_pipeline(tiny, scheduler):
+    """Same noise, prompt, negative prompt, CFG and scheduler: the engine reproduces
+    StableDiffusionPipeline's images (the reference implementation of SD sampling)."""
+    from diffusers import StableDiffusionPipeline
+
+    from cpebench.engine import make_scheduler
+
+    proto = ProtocolConfig(model="tiny", steps=4, height=64, width=64, scheduler=scheduler)
+    its = plan_items("s", [rec(0, prompt="a red house", guidance=6.0)], images_per_row=1, negative_prompt="blurry",
+                     default_guidance=7.5, per_row_guidance=True)
+    ours = Engine(tiny.pipe, proto, progress=False).denoise(its)[0][0]
+
+    pipe = StableDiffusionPipeline(**{k: getattr(tiny.pipe, k) for k in ("unet", "vae", "text_encoder", "tokenizer")},
+                                   scheduler=make_scheduler(scheduler, tiny.pipe.scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise = initial_noise(its[0], (4, 8, 8), "cpu", "cpu")[None]
+    ref = pipe("a red house", negative_prompt="blurry", guidance_scale=6.0, num_inference_steps=4, height=64,
+               width=64, latents=noise, output_type="np").images[0]
+    ref = (ref * 255).round().astype(np.uint8)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+    assert (ours == ref).mean() > 0.99
