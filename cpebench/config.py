@@ -279,6 +279,17 @@ def build(schema: type, data: Mapping, source: str, prefix: str = ""):
 # --------------------------------------------------------------------------- overrides
 
 
+def set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
+    """``tree["a"]["b"]["c"] = value`` for key ``a.b.c``."""
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {key!r} conflicts with another setting of {p!r}")
+    node[parts[-1]] = value
+
+
 def parse_overrides(items: list[str]) -> dict:
     """``a.b.c=value`` strings → nested dict; values parsed as YAML scalars/lists."""
     out: dict = {}
@@ -290,13 +301,7 @@ def parse_overrides(items: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"command line: override {item!r} conflicts with another override of {p!r}")
-        node[parts[-1]] = value
+        set_dotted(out, key, value, f"command line: override {item!r}")
     return out
 
 
@@ -366,7 +371,7 @@ def resolve_run(
     over: dict = {}
     for k, v in (flags or {}).items():
         if v is not None:
-            over = deep_merge(over, parse_overrides([f"{k}={_yaml_scalar(v)}"]))
+            set_dotted(over, k, list(v) if isinstance(v, tuple) else v, "command line")
     over = deep_merge(over, parse_overrides(list(overrides or [])))   # key=value last
     unknown = [k for k in over if k not in _OVERRIDE_SECTIONS]
     if unknown:
@@ -407,12 +412,6 @@ def _metrics_override(value: Any, task: TaskConfig) -> dict:
             raise ConfigError(f"command line: metrics: task {task.name!r} has no metric {n!r}.{did_you_mean(n, task.metrics)}")
         out[n] = dataclasses.asdict(task.metrics[n])
     return out
-
-
-def _yaml_scalar(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(yaml.safe_dump(x, default_flow_style=True).strip().removesuffix("...").strip() for x in v) + "]"
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 # --------------------------------------------------------------------------- saved configs

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from . import data, provenance
+from . import __version__, data, provenance
 from .config import (MethodConfig, PromptSetConfig, ProtocolConfig, RunConfig, RunOptions, TaskConfig, build,
                      config_differences, dump_yaml)
 from .engine import Engine, WorkItem, barrier, distributed_shard, merge_manifests, plan_items, read_jsonl, read_manifest
@@ -105,7 +105,8 @@ def sets_to_generate(cfg: RunConfig) -> list[str]:
 def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord], dict]:
     """Records of one prompt set plus their provenance (file, sha256, filters)."""
     ps: PromptSetConfig = cfg.task.prompt_sets[set_name]
-    limit = min(x for x in (ps.limit, cfg.run.limit) if x is not None) if (ps.limit or cfg.run.limit) else None
+    limits = [x for x in (ps.limit, cfg.run.limit) if x is not None]
+    limit = min(limits) if limits else None
     source = f"task {cfg.task.name!r}, prompt set {set_name!r}"
     if cfg.run.prompts == "smoke":
         if not ps.smoke_rows:
@@ -201,7 +202,7 @@ def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True) -> tuple[A
     if not method.trains:
         return method.erase(loaded.pipe, concepts, **hparams), None
     key = artifact_fingerprint(method.name, method.version, concepts, hparams, loaded.model_id, loaded.revision,
-                               _code_version_for_cache())
+                               __version__)  # not the git hash: unrelated commits keep the cache
     path = data.cache_dir() / "artifacts" / method.name / key
     if cache and (path / "artifact.json").exists():
         log.info("reusing cached artifact %s", path)
@@ -213,13 +214,6 @@ def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True) -> tuple[A
         "fingerprint": key, "created": _now(),
     })
     return artifact, artifact.save(path)
-
-
-def _code_version_for_cache() -> str:
-    """Package version (not the git hash: a commit that does not touch a method keeps its cache)."""
-    from . import __version__
-
-    return __version__
 
 
 def _now() -> str:
