@@ -106,11 +106,21 @@ def check_tokenizer(tokenizer, source: str) -> None:
 # --------------------------------------------------------------------------- tiny model
 
 
+def sd14_scheduler():
+    """SD-1.4's shipped scheduler config (scheduler/scheduler_config.json)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+
+
 def tiny_components(seed: int = 0, tokenizer=None) -> dict:
     """A random-weight model with SD-1.x's structure (16 attn2 layers, CLIP tokenizer) in ~3 M params.
     Latent 4 channels, VAE factor 8, text width 32."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -144,11 +154,7 @@ def tiny_components(seed: int = 0, tokenizer=None) -> dict:
             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
         )
     )
-    # SD-1.4's scheduler config (scheduler/scheduler_config.json).
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
+    scheduler = sd14_scheduler()
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer or clip_tokenizer(), scheduler=scheduler)
 
 
@@ -156,7 +162,7 @@ def sd14_random_components(seed: int = 0) -> dict:
     """Stable Diffusion v1.4's architecture (UNet 860 M, VAE, CLIP ViT-L/14 text encoder) with random
     weights: the compute of the real model, for benchmarks on machines that cannot reach the hub."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -176,10 +182,7 @@ def sd14_random_components(seed: int = 0) -> dict:
         num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
+    scheduler = sd14_scheduler()
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler)
 
 

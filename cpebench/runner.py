@@ -252,7 +252,7 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
     info = {
         "created": _now(),
         "model": loaded.info,
-        "method": {"name": method.name, "version": method.version, "concepts": task_concepts(cfg),
+        "method": {"name": method.name, "version": method.version, "concepts": artifact.metadata.get("concepts", []),
                    "hparams": cfg.hparams, "artifact_sha256": artifact.sha256,
                    "artifact_path": str(artifact_path) if artifact_path else None,
                    "applies_to_negative_branch": True},
