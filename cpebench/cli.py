@@ -13,9 +13,12 @@ from .errors import CpebenchError
 log = logging.getLogger("cpebench")
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_run_args(p: argparse.ArgumentParser, task_required: bool = True) -> None:
     p.add_argument("--method", required=True, help="erasure method (cpebench ls methods)")
-    p.add_argument("--task", required=True, help="task name or YAML path (cpebench ls tasks)")
+    p.add_argument("--task", required=task_required, help="task name or YAML path (cpebench ls tasks)"
+                   + ("" if task_required else "; optional with --concepts and a task preset (--preset celebrity)"))
+    p.add_argument("--artifact", help="use this artifact instead of erasing (cpebench artifact folder, or a "
+                                      "method's own format, e.g. CPE's official checkpoint folder)")
     p.add_argument("--model", help="base model: hub id, local diffusers dir, or 'tiny' (default: the protocol's)")
     p.add_argument("--revision", help="hub revision (commit) of --model")
     p.add_argument("--preset", help="preset (cpebench ls presets), e.g. smoke")
@@ -38,7 +41,7 @@ def _resolve(args):
     flags = {
         "protocol.model": args.model, "protocol.revision": args.revision, "protocol.dtype": args.dtype,
         "run.device": args.device, "run.batch_size": args.batch_size, "run.limit": args.limit,
-        "run.out": args.out, "run.name": args.name, "run.data_dir": args.data_dir,
+        "run.out": args.out, "run.name": args.name, "run.data_dir": args.data_dir, "run.artifact": args.artifact,
         "run.sets": args.sets.split(",") if args.sets else None,
     }
     from .registry import METHODS
@@ -65,17 +68,26 @@ def cmd_generate(args, then_score: bool = False) -> int:
 
 
 def cmd_erase(args) -> int:
-    from . import runner
+    import dataclasses
+
+    from . import config, runner
     from .models import load_pipeline
 
+    task_given = args.task is not None
+    if not task_given:
+        preset = config.load_preset(args.preset) if args.preset else None
+        if preset is None or not preset.task or not args.concepts:
+            raise CpebenchError("erase needs --task, or --concepts with a preset that names a task's hyperparameters "
+                                "(e.g. --preset celebrity; see `cpebench ls presets`)")
+        args.task = preset.task
     cfg = _resolve(args)
     if args.concepts:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(args.concepts)))
+        if task_given:
+            runner.check_task_concepts(cfg, args.concepts)
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(args.concepts), concepts_from=None))
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if _cuda() else "cpu")
     loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device)
-    artifact, path = runner.erase(cfg, loaded)
+    artifact, path = runner.erase(cfg, loaded, progress=not args.quiet)
     if args.save:
         path = artifact.save(args.save)
     print(f"{cfg.method.name}: {len(artifact.metadata.get('concepts', []))} concepts, artifact sha256 {artifact.sha256[:16]}"
@@ -188,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("erase", help="train (or load the cached) erased-model artifact")
-    _add_run_args(p)
+    _add_run_args(p, task_required=False)
     p.add_argument("--concepts", nargs="+", help="concepts to erase instead of the task's")
     p.add_argument("--save", help="also save the artifact to this directory")
     p.set_defaults(func=cmd_erase)

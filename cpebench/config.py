@@ -94,11 +94,14 @@ class RunOptions:
     sets: tuple = ()                 # prompt sets to generate; () = those the task's metrics use
     data_dir: str | None = None
     png_compress_level: int = 6
+    artifact: str | None = None      # use this erased-model artifact instead of erasing (a cpebench artifact
+                                     # folder, or a method's own format, e.g. CPE's official checkpoints)
 
 
 @dataclass(frozen=True)
 class PresetConfig:
     description: str = ""
+    task: str | None = None          # the task whose hyperparameters `erase --concepts ... --preset` uses
     protocol: Mapping[str, Any] = field(default_factory=dict)
     run: Mapping[str, Any] = field(default_factory=dict)
 
@@ -365,6 +368,9 @@ def resolve_run(
     run_raw: dict = {}
     if preset:
         p = load_preset(preset)
+        if p.task and p.task != task_cfg.name:
+            raise ConfigError(f"preset {preset!r} selects task {p.task!r}'s hyperparameters; it cannot be combined "
+                              f"with task {task_cfg.name!r} (drop --preset, or use --task {p.task})")
         protocol_raw = deep_merge(protocol_raw, p.protocol)
         run_raw = deep_merge(run_raw, p.run)
 

@@ -71,5 +71,5 @@ class Registry(Generic[T]):
         return target  # type: ignore[return-value]
 
 
-METHODS: Registry = Registry("method", "cpebench.methods", {"sd": "cpebench.methods.sd:BaseModel"})
+METHODS: Registry = Registry("method", "cpebench.methods", {"sd": "cpebench.methods.sd:BaseModel", "cpe": "cpebench.methods.cpe:CPE"})
 METRICS: Registry = Registry("metric", "cpebench.metrics", {"nudenet": "cpebench.metrics.nudenet:NudeNet"})

@@ -22,11 +22,29 @@ from pathlib import Path
 import yaml
 
 from . import __version__, data, provenance
-from .config import (MethodConfig, PromptSetConfig, ProtocolConfig, RunConfig, RunOptions, TaskConfig, build,
-                     config_differences, dump_yaml)
-from .engine import Engine, WorkItem, barrier, distributed_shard, merge_manifests, plan_items, read_jsonl, read_manifest
+from .config import (
+    MethodConfig,
+    PromptSetConfig,
+    ProtocolConfig,
+    RunConfig,
+    RunOptions,
+    TaskConfig,
+    build,
+    config_differences,
+    dump_yaml,
+)
+from .engine import (
+    Engine,
+    WorkItem,
+    barrier,
+    distributed_shard,
+    merge_manifests,
+    plan_items,
+    read_jsonl,
+    read_manifest,
+)
 from .errors import ConfigError, CpebenchError, RunStateError
-from .methods import Artifact, Concept, Method, artifact_fingerprint
+from .methods import Artifact, Concept, EraseContext, Method, artifact_fingerprint
 from .metrics import GeneratedImage, Metric
 from .models import TINY, LoadedModel, load_pipeline
 from .registry import METHODS, METRICS
@@ -189,31 +207,59 @@ def task_concepts(cfg: RunConfig) -> list[str]:
     return list(dict.fromkeys(r.concept for r in records if r.concept))
 
 
+def check_task_concepts(cfg: RunConfig, concepts) -> None:
+    """``erase --task T --concepts ...`` erases a subset of T's concepts (so T's metrics still apply);
+    arbitrary concepts go with ``--preset T`` instead."""
+    known = task_concepts(cfg)
+    lowered = {c.lower(): c for c in known}
+    for c in concepts:
+        if c.lower() not in lowered:
+            from .registry import did_you_mean
+
+            where = f"prompt set {cfg.task.concepts_from!r}" if cfg.task.concepts_from and not cfg.task.concepts else "its YAML"
+            raise ConfigError(f"concept {c!r} is not one of task {cfg.task.name!r}'s {len(known)} concepts ({where})"
+                              + did_you_mean(c, known)
+                              + f"; to erase other concepts with this task's hyperparameters use --preset {cfg.task.name} "
+                              "without --task")
+
+
 def get_method(name: str) -> Method:
     cls = METHODS.get(name)
     return cls()
 
 
-def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True) -> tuple[Artifact, Path | None]:
-    """Train (or load the cached) artifact for the task's concepts."""
+def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True, progress: bool = True) -> tuple[Artifact, Path | None]:
+    """Train (or load the cached, or the user's ``run.artifact``) erased-model artifact."""
     method = get_method(cfg.method.name)
+    if cfg.run.artifact:
+        artifact = method.load_artifact(cfg.run.artifact)
+        log.info("using the given artifact %s (%d concepts)", cfg.run.artifact, len(artifact.metadata.get("concepts", [])))
+        return artifact, Path(cfg.run.artifact)
     concepts = [Concept(c) for c in task_concepts(cfg)]
     hparams = cfg.hparams
+    ctx = EraseContext(device=str(loaded.pipe.unet.device), data_dir=cfg.run.data_dir, progress=progress)
     if not method.trains:
-        return method.erase(loaded.pipe, concepts, **hparams), None
-    key = artifact_fingerprint(method.name, method.version, concepts, hparams, loaded.model_id, loaded.revision,
+        return method.erase(loaded.pipe, concepts, hparams, ctx), None
+    if not concepts:
+        raise ConfigError(f"task {cfg.task.name!r} names no concepts to erase; "
+                          f"use `cpebench erase --method {method.name} --concepts NAME ... --preset {cfg.task.name}`")
+    fingerprinted = {k: v for k, v in hparams.items() if k not in method.operational_hparams}
+    key = artifact_fingerprint(method.name, method.version, concepts, fingerprinted, loaded.model_id, loaded.revision,
                                __version__)  # not the git hash: unrelated commits keep the cache
     path = data.cache_dir() / "artifacts" / method.name / key
     if cache and (path / "artifact.json").exists():
         log.info("reusing cached artifact %s", path)
         return Artifact.load(path), path
-    artifact = method.erase(loaded.pipe, concepts, **hparams)
+    ctx.workdir = path.with_name(key + ".partial")   # resumable training state (per stage)
+    artifact = method.erase(loaded.pipe, concepts, hparams, ctx)
     artifact.metadata.update({
         "concepts": [c.name for c in concepts], "hparams": hparams, "base_model": loaded.model_id,
         "base_revision": loaded.revision, "code_version": provenance.code_version(), "method_version": method.version,
         "fingerprint": key, "created": _now(),
     })
-    return artifact, artifact.save(path)
+    saved = artifact.save(path)
+    shutil.rmtree(ctx.workdir, ignore_errors=True)
+    return artifact, saved
 
 
 def _now() -> str:
@@ -231,7 +277,11 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
     shard, accel_device = distributed_shard()
     device = accel_device or choose_device(cfg, len(items))
     loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device)
-    artifact, artifact_path = erase(cfg, loaded)
+    if shard[1] > 1 and shard[0] != 0:
+        barrier()               # rank 0 trains (or loads) the artifact; the others then read it from the cache
+    artifact, artifact_path = erase(cfg, loaded, progress=progress)
+    if shard[1] > 1 and shard[0] == 0:
+        barrier()
     method = get_method(cfg.method.name)
     engine = Engine(loaded.pipe, cfg.protocol, device=device, batch_size=cfg.run.batch_size,
                     png_compress_level=cfg.run.png_compress_level, progress=progress)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from cpebench.errors import ConfigError
 import torch
 
 from cpebench.errors import CpebenchError
@@ -188,8 +190,8 @@ def test_sd_erase_returns_empty_artifact(tiny):
 
 
 def test_sd_rejects_hparams(tiny):
-    with pytest.raises(TypeError, match="lr"):
-        BaseModel().erase(tiny.pipe, [Concept("nudity")], lr=1e-5)
+    with pytest.raises(ConfigError, match="lr"):
+        BaseModel().erase(tiny.pipe, [Concept("nudity")], {"lr": 1e-5})
 
 
 def _unet_out(pipe):

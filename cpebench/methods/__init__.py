@@ -102,19 +102,38 @@ def artifact_fingerprint(method: str, method_version: str, concepts: Sequence[Co
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclass
+class EraseContext:
+    """Where and how ``erase`` runs (never part of the result)."""
+
+    device: str = "cpu"
+    data_dir: str | None = None      # local copy of the data files (templates, anchors)
+    workdir: Path | None = None      # resumable training state lives here while training
+    progress: bool = True
+
+
 class Method(abc.ABC):
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ""
     trains: ClassVar[bool] = True          # False: erase is free (no cache needed)
+    operational_hparams: ClassVar[tuple] = ()   # hparams that do not change the result (not fingerprinted)
 
     @abc.abstractmethod
-    def erase(self, pipe, concepts: Sequence[Concept], **hparams) -> Artifact:
+    def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
+              ctx: EraseContext | None = None) -> Artifact:
         """Compute the edit for ``concepts`` on ``pipe`` (which must be left unchanged)."""
 
     @abc.abstractmethod
     def apply(self, pipe, artifact: Artifact) -> ContextManager:
         """Context manager: inside, ``pipe`` is the erased model; on exit it is restored bit for bit."""
+
+    def load_artifact(self, path: str | Path) -> Artifact:
+        """An artifact given by the user (``--artifact``); methods may accept other formats too."""
+        artifact = Artifact.load(path)
+        if artifact.method != self.name:
+            raise CpebenchError(f"{path} is a {artifact.method!r} artifact, not {self.name!r}")
+        return artifact
 
 
 class NoEdit(contextlib.AbstractContextManager):

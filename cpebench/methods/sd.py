@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from . import Artifact, Concept, Method, NoEdit
+from ..errors import ConfigError
+from . import Artifact, Concept, EraseContext, Method, NoEdit
 
 
 class BaseModel(Method):
@@ -13,9 +14,10 @@ class BaseModel(Method):
     description = "Unedited Stable Diffusion (reference row)"
     trains = False
 
-    def erase(self, pipe, concepts: Sequence[Concept], **hparams) -> Artifact:
+    def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any] | None = None,
+              ctx: EraseContext | None = None) -> Artifact:
         if hparams:
-            raise TypeError(f"method 'sd' takes no hyperparameters, got {', '.join(hparams)}")
+            raise ConfigError(f"method 'sd' takes no hyperparameters, got {', '.join(hparams)}")
         return Artifact(method=self.name, metadata={"concepts": [c.name for c in concepts], "hparams": {}})
 
     def apply(self, pipe, artifact: Artifact):
