@@ -104,6 +104,7 @@ class PresetConfig:
     task: str | None = None          # the task whose hyperparameters `erase --concepts ... --preset` uses
     protocol: Mapping[str, Any] = field(default_factory=dict)
     run: Mapping[str, Any] = field(default_factory=dict)
+    hparams: Mapping[str, Any] = field(default_factory=dict)   # per method: {cpe: {stages: 2, ...}}
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,7 @@ def resolve_run(
     method_cfg = load_method_config(method)
     protocol_raw = dataclasses.asdict(task_cfg.protocol)
     run_raw: dict = {}
+    preset_hparams: dict = {}
     if preset:
         p = load_preset(preset)
         if p.task and p.task != task_cfg.name:
@@ -373,6 +375,7 @@ def resolve_run(
                               f"with task {task_cfg.name!r} (drop --preset, or use --task {p.task})")
         protocol_raw = deep_merge(protocol_raw, p.protocol)
         run_raw = deep_merge(run_raw, p.run)
+        preset_hparams = dict(p.hparams.get(method) or {})
 
     over: dict = {}
     for k, v in (flags or {}).items():
@@ -393,9 +396,9 @@ def resolve_run(
             task_raw = {**task_raw, "metrics": {}}  # metrics=a or metrics=[a,b] keeps only those
             task_over["metrics"] = _metrics_override(task_over["metrics"], task_cfg)
         task_cfg = build(TaskConfig, deep_merge(task_raw, task_over), "command line")
-    if "hparams" in over:  # command line beats the YAML's per-task values too
+    if preset_hparams or "hparams" in over:  # preset, then command line, beat the YAML's per-task values
         tasks = dict(method_cfg.tasks)
-        tasks[task_cfg.name] = {**(tasks.get(task_cfg.name) or {}), **over["hparams"]}
+        tasks[task_cfg.name] = {**(tasks.get(task_cfg.name) or {}), **preset_hparams, **over.get("hparams", {})}
         method_cfg = dataclasses.replace(method_cfg, tasks=tasks)
 
     protocol_cfg = build(ProtocolConfig, protocol_raw, "command line/preset", "protocol.")

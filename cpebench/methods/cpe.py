@@ -146,14 +146,15 @@ class ResAG(KVEdit):
         self.up = {name: tensors[f"{name}.up"].to(**f32) * scale.view(-1, 1, 1) for name in self.layers}
         self.slot = {name: i for i, name in enumerate(self.layers)}
         self._key: tuple | None = None
-        self._gate: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_concepts(self) -> int:
         return self.q.shape[0]
 
-    def gate(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H, c*) for a context [B, T, D]: H [B, T, L*r] = s_c* Ẽ_c* U1_c* for every layer; c* [B, T]."""
+    def gate(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H, c*, s*) for a context [B, T, D]: H [B, T, L*r] = s_c* Ẽ_c* U1_c* for every layer; the
+        winning concept c* [B, T] and its gate value s* [B, T]."""
         key = (id(context), context._version)
         if self._key == key and self._gate is not None:
             return self._gate
@@ -165,12 +166,12 @@ class ResAG(KVEdit):
         s_max, c_star = s.max(dim=1)                                           # [B, T]
         index = c_star[:, None, :, None].expand(-1, 1, -1, mixed.shape[-1] - 1)
         h = mixed[..., 1:].gather(1, index).squeeze(1) * s_max.unsqueeze(-1)  # [B, T, L r]
-        self._key, self._gate = key, (h, c_star)
+        self._key, self._gate = key, (h, c_star, s_max)
         self._context = context   # keep it alive so id() stays unique while cached
-        return h, c_star
+        return h, c_star, s_max
 
     def residual(self, layer: str, context: torch.Tensor) -> torch.Tensor:
-        h, c_star = self.gate(context)
+        h, c_star, _ = self.gate(context)
         i, r = self.slot[layer], self.rank
         h = h[..., i * r : (i + 1) * r]                                        # [B, T, r]
         up = self.up[layer]
@@ -439,7 +440,21 @@ class Hparams:
 
             raise ConfigError(f"cpe: unknown hyperparameter(s) {', '.join(unknown)}"
                               + did_you_mean(unknown[0], sorted(known)))
-        hp = cls(**d)
+        types = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for key, value in d.items():   # YAML reads 1.0e4 as a string; the CLI passes strings too
+            kind = types[key]
+            try:
+                if kind == "bool" and isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.lower() in ("true", "1", "yes")
+                elif kind in ("int", "float", "str"):
+                    value = {"int": int, "float": float, "str": str}[kind](value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"cpe: hparams.{key} must be {kind}, got {value!r}") from None
+            values[key] = value
+        hp = cls(**values)
         if hp.loss not in ("gram", "direct"):
             raise ConfigError(f"cpe: hparams.loss must be gram or direct, got {hp.loss!r}")
         if hp.optimizer not in ("adamw", "adamw8bit"):
