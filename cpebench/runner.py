@@ -214,12 +214,13 @@ def check_task_concepts(cfg: RunConfig, concepts) -> None:
     lowered = {c.lower(): c for c in known}
     for c in concepts:
         if c.lower() not in lowered:
-            from .registry import did_you_mean
+            import difflib
 
+            close = difflib.get_close_matches(c, known, n=1, cutoff=0.5)
             where = f"prompt set {cfg.task.concepts_from!r}" if cfg.task.concepts_from and not cfg.task.concepts else "its YAML"
-            raise ConfigError(f"concept {c!r} is not one of task {cfg.task.name!r}'s {len(known)} concepts ({where})"
-                              + did_you_mean(c, known)
-                              + f"; to erase other concepts with this task's hyperparameters use --preset {cfg.task.name} "
+            raise ConfigError(f"concept {c!r} is not among the {len(known)} concepts of task {cfg.task.name!r} ({where})"
+                              + (f"; did you mean {close[0]!r}?" if close else "")
+                              + f" To erase other concepts with this task's hyperparameters use --preset {cfg.task.name} "
                               "without --task")
 
 
