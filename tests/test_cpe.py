@@ -99,6 +99,31 @@ def test_at_init_the_residual_is_exactly_zero_and_images_unchanged(pipe):
     assert before.std() > 0 and (before == inside).all()
 
 
+def test_gate_runs_once_per_prompt_batch_including_the_negative_branch(pipe, trained, monkeypatch):
+    from cpebench.config import ProtocolConfig
+    from cpebench.data import PromptRecord
+    from cpebench.engine import Engine, WorkItem
+
+    made = []
+    real_init = ResAG.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(ResAG, "__init__", spy)
+    engine = Engine(pipe, ProtocolConfig(model="tiny", steps=5, height=64, width=64), batch_size=2, progress=False)
+    items = [WorkItem("s", PromptRecord(str(i), p, i, None, "erased", None), 0, 1, "blurry", 7.5)
+             for i, p in enumerate(["a photo of chris evans", "a dog", "a cat"])]
+    with CPE().apply(pipe, trained):
+        images, _, _ = engine.denoise(items[:2])
+        engine.denoise(items[2:])
+    assert len(made) == 1 and made[0].computed == 2        # 2 batches x 5 steps x 16 layers -> 2 gate evaluations
+    h, _, _ = made[0].gate(made[0]._context)
+    assert made[0]._context.shape[0] == 2                   # the last batch: [negative, prompt] rows both gated
+    assert h.shape[0] == 2 and made[0].computed == 2
+
+
 # --------------------------------------------------------------------------- losses
 
 

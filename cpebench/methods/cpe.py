@@ -147,6 +147,7 @@ class ResAG(KVEdit):
         self.slot = {name: i for i, name in enumerate(self.layers)}
         self._key: tuple | None = None
         self._gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.computed = 0          # gate evaluations (one per prompt batch; tests check the reuse)
 
     @property
     def n_concepts(self) -> int:
@@ -158,6 +159,7 @@ class ResAG(KVEdit):
         key = (id(context), context._version)
         if self._key == key and self._gate is not None:
             return self._gate
+        self.computed += 1
         e = context.to(torch.float32)
         p = torch.einsum("btd,ndm->bntm", e, self.q)
         attn = torch.softmax(p @ p.transpose(-1, -2), dim=-1)                  # [B, N, T, T]
