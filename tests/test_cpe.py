@@ -10,11 +10,24 @@ import torch
 from safetensors.torch import save_file
 
 from cpebench.errors import ConfigError, DataError
-from cpebench.methods import Artifact, Concept, EraseContext
-from cpebench.methods import cpe
-from cpebench.methods.cpe import (CPE, ConceptBatch, Hparams, KVSpace, ResAG, adversarial_loss, artifact_tensors,
-                                  concept_generator, encode_prompts, erase_losses, kv_layers, layer_weights,
-                                  load_official, merge_artifacts, official_key)
+from cpebench.methods import Artifact, Concept, EraseContext, cpe
+from cpebench.methods.cpe import (
+    CPE,
+    ConceptBatch,
+    Hparams,
+    KVSpace,
+    ResAG,
+    adversarial_loss,
+    artifact_tensors,
+    concept_generator,
+    encode_prompts,
+    erase_losses,
+    kv_layers,
+    layer_weights,
+    load_official,
+    merge_artifacts,
+    official_key,
+)
 
 ETA = 0.3
 # Inline training data (the real files are exercised by the CLI tests): one template + the bare name.
@@ -116,7 +129,7 @@ def test_gate_runs_once_per_prompt_batch_including_the_negative_branch(pipe, tra
     items = [WorkItem("s", PromptRecord(str(i), p, i, None, "erased", None), 0, 1, "blurry", 7.5)
              for i, p in enumerate(["a photo of chris evans", "a dog", "a cat"])]
     with CPE().apply(pipe, trained):
-        images, _, _ = engine.denoise(items[:2])
+        engine.denoise(items[:2])
         engine.denoise(items[2:])
     assert len(made) == 1 and made[0].computed == 2        # 2 batches x 5 steps x 16 layers -> 2 gate evaluations
     h, _, _ = made[0].gate(made[0]._context)

@@ -30,6 +30,8 @@ Deviations from the official code (named in the artifact's hparams where they ch
   choice) is available. With r = 1 only Q (768 x 16 >= 4096 elements) gets 8-bit states there.
 * The official run ends with an adversarial stage whose perturbations are never used; we skip it
   (``final_adversarial_stage: false``) since it cannot change the ResAG.
+* Random draws (template, anchors, noise, mixup, initial weights) come from one torch generator per
+  concept, seeded from (seed, concept), instead of the global python/numpy/torch state.
 * ``w_ks`` is never used by the official forward (its k branch reuses Q); we do not store it, and
   the official loader ignores it.
 """
@@ -57,7 +59,6 @@ from . import Artifact, Concept, EraseContext, Method
 log = logging.getLogger(__name__)
 
 TOKENS = 77
-PROJECTIONS = ("to_k", "to_v")
 OFFICIAL_GATE_Q = "attention_gate.encoder_layer.slf_attn.attention_module1.w_qs.weight"
 OFFICIAL_GATE_K = "attention_gate.encoder_layer.slf_attn.attention_module1.w_ks.weight"   # unused (k = q)
 OFFICIAL_GATE_V = "attention_gate.encoder_layer.slf_attn.gate.scaler.weight"
@@ -128,7 +129,7 @@ def layer_weights(unet) -> dict[str, float]:
 class ResAG(KVEdit):
     """N concepts in one network: per token only the concept with the highest gate adds its residual.
 
-    ``tensors`` are an artifact's (see ``CPE.artifact_tensors``). The gate and every layer's
+    ``tensors`` are an artifact's (see ``artifact_tensors``). The gate and every layer's
     residual are computed once per context tensor (prompt batch) and reused at every step."""
 
     cacheable = True
@@ -147,6 +148,7 @@ class ResAG(KVEdit):
         self.slot = {name: i for i, name in enumerate(self.layers)}
         self._key: tuple | None = None
         self._gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._context: torch.Tensor | None = None   # held so id() stays unique while cached
         self.computed = 0          # gate evaluations (one per prompt batch; tests check the reuse)
 
     @property
@@ -169,7 +171,7 @@ class ResAG(KVEdit):
         index = c_star[:, None, :, None].expand(-1, 1, -1, mixed.shape[-1] - 1)
         h = mixed[..., 1:].gather(1, index).squeeze(1) * s_max.unsqueeze(-1)  # [B, T, L r]
         self._key, self._gate = key, (h, c_star, s_max)
-        self._context = context   # keep it alive so id() stays unique while cached
+        self._context = context
         return h, c_star, s_max
 
     def residual(self, layer: str, context: torch.Tensor) -> torch.Tensor:
@@ -195,10 +197,11 @@ def merge_artifacts(artifacts: Sequence[Artifact]) -> Artifact:
     for a in artifacts:
         if a.method != CPE.name:
             raise ConfigError(f"cannot merge a {a.method!r} artifact into CPE")
-    layers = artifacts[0].metadata["layers"]
+    layers = sorted(artifacts[0].metadata["layers"])
+    bases = {a.metadata.get("base_kv_sha256") for a in artifacts} - {None}
     for a in artifacts[1:]:
-        if a.metadata["layers"] != layers:
-            raise ConfigError("CPE artifacts have different layer layouts; they were made for different base models")
+        if sorted(a.metadata["layers"]) != layers or len(bases) > 1:
+            raise ConfigError("CPE artifacts have different layer layouts or base models; they cannot be merged")
     tensors: dict[str, torch.Tensor] = {}
     for key in artifacts[0].tensors:
         parts = [a.tensors[key] for a in artifacts]
