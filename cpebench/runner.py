@@ -82,7 +82,7 @@ def prepare_run_dir(cfg: RunConfig, *, force: bool = False) -> Path:
                 f"{run_dir} was made with a different config; differing keys: {'; '.join(diffs[:8])}"
                 f"{' …' if len(diffs) > 8 else ''}. Use --force to start it anew, or --name for a new run."
             )
-        if diffs and force:
+        if force:
             shutil.rmtree(run_dir)
     elif force and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -284,12 +284,17 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
     if shard[1] > 1 and shard[0] == 0:
         barrier()
     method = get_method(cfg.method.name)
+    made_with = {e.get("artifact_sha256") for e in read_manifest(run_dir).values()} - {None, artifact.sha256}
+    if made_with:
+        raise RunStateError(
+            f"{run_dir}: its images were made with another erased model (artifact {sorted(made_with)[0][:16]}, now "
+            f"{artifact.sha256[:16]}: retrained, or another --artifact); use --force to start anew or --name for a new run")
     engine = Engine(loaded.pipe, cfg.protocol, device=device, batch_size=cfg.run.batch_size,
                     png_compress_level=cfg.run.png_compress_level, progress=progress)
     with method.apply(loaded.pipe, artifact):
         attention_backend = sorted({type(p).__name__ for k, p in loaded.pipe.unet.attn_processors.items()
                                     if k.endswith("attn2.processor")})
-        stats = engine.generate(items, run_dir, shard=shard)
+        stats = engine.generate(items, run_dir, shard=shard, extra={"artifact_sha256": artifact.sha256})
     if shard[1] > 1:
         barrier()               # every shard's manifest is complete before rank 0 merges them
         if shard[0] != 0:

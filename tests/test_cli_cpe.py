@@ -105,3 +105,20 @@ def test_ls_shows_cpe_and_task_presets(capsys):
     assert run_cli("ls", "presets") == 0
     out = capsys.readouterr().out
     assert all(p in out for p in ("celebrity", "artist", "nudity", "character", "smoke"))
+
+
+def test_resuming_with_another_erased_model_is_refused(data_env, tiny_dir, tmp_path, capsys):
+    """Images made with one artifact are never mixed with another's in a run directory."""
+    args = ["generate", "--method", "cpe", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path), "--limit", "1"]
+    assert run_cli(*args) == 0
+    manifest = (tmp_path / "cpe-nudity-tiny-smoke" / "manifest.jsonl").read_text()
+    assert '"artifact_sha256"' in manifest
+    # the same config, but the cached artifact was replaced (e.g. retrained elsewhere): refused
+    path = json.loads((tmp_path / "cpe-nudity-tiny-smoke" / "generation.json").read_text())["method"]["artifact_path"]
+    art = Artifact.load(path)
+    art.tensors["gate.v"] = art.tensors["gate.v"] + 1.0
+    art.save(path)
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    assert "made with another erased model" in capsys.readouterr().err
+    assert run_cli(*args, "--force") == 0
