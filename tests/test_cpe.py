@@ -453,3 +453,14 @@ def test_training_record_is_in_the_artifact(trained):
     assert len(meta["anchor_words"]["chris evans"]) == 4 + 2
     json.dumps(meta)   # JSON-serialisable as saved
     assert isinstance(types.SimpleNamespace(**meta["train"]).seconds, float)
+
+
+def test_official_8bit_optimizer_is_a_named_option(pipe):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="adamw8bit needs bitsandbytes"):
+            CPE().erase(pipe, [Concept("x")], short(optimizer="adamw8bit"), EraseContext(progress=False))
+    else:
+        art = CPE().erase(pipe, [Concept("x")], short(optimizer="adamw8bit"), EraseContext(progress=False))
+        assert art.tensors["gate.q"].shape[0] == 1
