@@ -105,6 +105,7 @@ class PresetConfig:
     protocol: Mapping[str, Any] = field(default_factory=dict)
     run: Mapping[str, Any] = field(default_factory=dict)
     hparams: Mapping[str, Any] = field(default_factory=dict)   # per method: {cpe: {stages: 2, ...}}
+    metric_options: Mapping[str, Any] = field(default_factory=dict)   # per metric: {clip_score: {model: tiny}}
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,10 @@ def resolve_run(
         protocol_raw = deep_merge(protocol_raw, p.protocol)
         run_raw = deep_merge(run_raw, p.run)
         preset_hparams = dict(p.hparams.get(method) or {})
+        used = {m: {"options": dict(o)} for m, o in p.metric_options.items() if m in task_cfg.metrics}
+        if used:   # only for metrics the task scores; the command line still wins
+            task_raw = deep_merge(task_raw, {"metrics": used})
+            task_cfg = build(TaskConfig, task_raw, f"preset {preset}")
 
     over: dict = {}
     for k, v in (flags or {}).items():

@@ -226,8 +226,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local SD directory for ``model`` (hub id or path) and the hub commit it came from."""
+def resolve_model_dir(model: str, revision: str | None = None, *, allow_patterns: list[str] | None = None,
+                      option: str = "--model") -> tuple[Path, str | None]:
+    """A local directory for ``model`` (hub id or path) and the hub commit it came from. ``option`` is
+    how the user passes a local copy instead (named in the error)."""
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -240,15 +242,16 @@ def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, st
 
     hint = (
         f"Download it once on a machine with network (e.g. `huggingface-cli download {model}`) or pass a local "
-        f"directory saved with `save_pretrained`: --model /path/to/{model.split('/')[-1]}"
+        f"directory saved with `save_pretrained`: {option}{' ' if option.startswith('-') else '='}/path/to/{model.split('/')[-1]}"
     )
     try:  # cached first: never touches the network
-        local = snapshot_download(model, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=True)
+        local = snapshot_download(model, revision=revision, allow_patterns=allow_patterns or HUB_ALLOW_PATTERNS,
+                                  local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         if _offline():
             raise ModelLoadError(f"model {model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1. {hint}") from None
         try:
-            local = snapshot_download(model, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
+            local = snapshot_download(model, revision=revision, allow_patterns=allow_patterns or HUB_ALLOW_PATTERNS)
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
             raise ModelLoadError(f"cannot download model {model!r}: {type(e).__name__}: {str(e)[:300]}. {hint}") from None
     local = Path(local)

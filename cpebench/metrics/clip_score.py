@@ -1,0 +1,175 @@
+"""CLIP score: 100·cos(image, prompt) of CLIP's projected embeddings (protocol v1 §8, "CS").
+
+Model: a transformers CLIP checkpoint by hub id or local directory (default
+``openai/clip-vit-base-patch32`` with its CLIPProcessor: shortest side 224, bicubic, centre crop),
+or ``tiny`` (a random-weight CLIP with the real tokenizer, for tests and the smoke preset). Text is
+truncated to 77 tokens (v1 Δ: CPE's script silently skips longer prompts). The score is unclipped
+(v1); ``floor_at_zero: true`` gives the 100·max(cos, 0) variant (torchmetrics/RECE), which differs
+only for images whose cosine is negative.
+
+Reported per prompt set: the mean and population std of the score (CS_e on an erased set, CS_r on a
+remaining one, CS on COCO), and H_a = CS_r − CS_e when a task scores one erased and at least one
+remaining set (MACE's artist summary, auxiliary). Sets whose split is ``erased`` are lower-is-better.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import ModelLoadError
+from . import Column, GeneratedImage, Metric, MetricResult
+from .summary import h_a
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+TINY = "tiny"
+HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
+
+
+def save_tiny_clip(path: str | Path, seed: int = 0) -> Path:
+    """A random-weight CLIP (32-d, 32² images) with the real 49,408-token tokenizer, saved like a hub model."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from ..models import write_clip_tokenizer_files
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    path = Path(path)
+    write_clip_tokenizer_files(path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=CLIPTokenizer.from_pretrained(path))
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def tiny_clip_dir(seed: int = 0) -> Path:
+    from .. import data
+
+    import transformers
+
+    path = data.cache_dir() / "models" / f"tiny-clip-seed{seed}-torch{torch.__version__}-transformers{transformers.__version__}"
+    if not (path / "config.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-clip-"))
+        save_tiny_clip(tmp, seed)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_clip(model: str, revision: str | None = None, device: str = "cpu"):
+    """(CLIPModel, CLIPProcessor, info) from ``tiny``, a local directory or a hub id (cache first)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from ..models import check_tokenizer, resolve_model_dir
+
+    if model == TINY:
+        path, commit = tiny_clip_dir(), None
+    else:
+        path, commit = resolve_model_dir(model, revision, allow_patterns=HUB_FILES,
+                                         option="metrics.clip_score.options.model")
+    try:
+        clip = CLIPModel.from_pretrained(path).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"CLIP model {model!r} ({path}) could not be loaded: {e}") from None
+    check_tokenizer(processor.tokenizer, f"CLIP model {model}")
+    return clip, processor, {"id": model, "revision": commit, "class": type(clip).__name__}
+
+
+class ClipScore(Metric):
+    name = "clip_score"
+    higher_is_better = True
+    description = "CLIP score 100·cos(image, prompt) per prompt set (CS_e on erased sets, CS_r / CS elsewhere); H_a"
+
+    def __init__(self, model: str = DEFAULT_MODEL, revision: str | None = None, batch_size: int = 64,
+                 device: str = "auto", floor_at_zero: bool = False):
+        self.model_id, self.revision = model, revision
+        self.batch_size = int(batch_size)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.floor_at_zero = bool(floor_at_zero)
+        self._clip = None
+        super().__init__()
+
+    def reset(self) -> None:
+        self.sets: dict[str, dict] = {}     # set -> {"split", "n", "sum", "sumsq"}
+
+    def _load(self):
+        if self._clip is None:
+            self._clip, self._processor, self._info = load_clip(self.model_id, self.revision, self.device)
+        return self._clip, self._processor
+
+    @torch.no_grad()
+    def cosines(self, images, prompts: Sequence[str]) -> list[float]:
+        """cos of the projected, normalised embeddings (what CLIP's logits_per_image divides by its scale)."""
+        clip, processor = self._load()
+        pixels = processor.image_processor(images=list(images), return_tensors="pt").pixel_values.to(self.device)
+        text = processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        img = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+        txt = clip.text_projection(clip.text_model(input_ids=text.input_ids.to(self.device),
+                                                   attention_mask=text.attention_mask.to(self.device)).pooler_output)
+        return torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1).tolist()
+
+    def score(self, images: Sequence[GeneratedImage]) -> list[dict]:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i : i + self.batch_size]
+            cos = self.cosines([im.load() for im in chunk], [im.entry["prompt"] for im in chunk])
+            out += [{"cos": c, "set": im.entry["set"], "split": im.entry.get("split", "")} for im, c in zip(chunk, cos)]
+        return out
+
+    def accumulate(self, details: Sequence[dict]) -> None:
+        for d in details:
+            s = 100.0 * (max(d["cos"], 0.0) if self.floor_at_zero else d["cos"])
+            st = self.sets.setdefault(d["set"], {"split": d.get("split", ""), "n": 0, "sum": 0.0, "sumsq": 0.0})
+            st["n"] += 1
+            st["sum"] += s
+            st["sumsq"] += s * s
+
+    def merge(self, other: "ClipScore") -> None:
+        for name, o in other.sets.items():
+            st = self.sets.setdefault(name, {"split": o["split"], "n": 0, "sum": 0.0, "sumsq": 0.0})
+            for k in ("n", "sum", "sumsq"):
+                st[k] += o[k]
+
+    def compute(self) -> MetricResult:
+        values, columns, n = {}, [], 0
+        for name, st in sorted(self.sets.items()):
+            mean = st["sum"] / st["n"]
+            values[name] = mean
+            values[f"{name}_std"] = math.sqrt(max(st["sumsq"] / st["n"] - mean * mean, 0.0))
+            values[f"{name}_n"] = st["n"]
+            n += st["n"]
+            erased = st["split"] == "erased"
+            label = {"erased": "CS_e", "remained": "CS_r"}.get(st["split"], "CS")
+            columns.append(Column(name, f"{label} {name}", not erased))
+        erased = [values[s] for s, st in self.sets.items() if st["split"] == "erased"]
+        kept = [values[s] for s, st in self.sets.items() if st["split"] == "remained"]
+        if len(erased) == 1 and kept:
+            values["h_a"] = h_a(erased[0], sum(kept) / len(kept))
+            columns.append(Column("h_a", "H_a", True))
+        return MetricResult(self.name, values, n, columns, self.protocol())
+
+    def protocol(self) -> dict:
+        info = dict(getattr(self, "_info", {"id": self.model_id, "revision": self.revision}))
+        info.update({"score": "100*max(cos,0)" if self.floor_at_zero else "100*cos (unclipped)",
+                     "text": "truncated to 77 tokens", "preprocessing": "the model's CLIPProcessor"})
+        return info

@@ -1,0 +1,97 @@
+"""CLIP score on a tiny random CLIP saved with save_pretrained and loaded like a hub model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cpebench.errors import ModelLoadError
+from cpebench.metrics import GeneratedImage
+from cpebench.metrics.clip_score import ClipScore, load_clip, tiny_clip_dir
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    out = []
+    prompts = ["a photo of a cat", "Image in the style of Claude Monet", "a red car", "an oil painting of a ship",
+               " ".join(["a very long caption"] * 40)]          # > 77 tokens: truncated, not skipped
+    for i, p in enumerate(prompts):
+        path = d / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+        split = "erased" if i < 2 else "remained"
+        out.append(GeneratedImage(path, {"key": f"k{i}", "prompt": p, "set": "art_erased" if i < 2 else "art_remained",
+                                         "split": split}))
+    return out
+
+
+def test_score_equals_a_direct_clip_forward(images):
+    metric = ClipScore(model="tiny", device="cpu", batch_size=2)
+    details = metric.score(images)
+    clip, processor, info = load_clip("tiny")
+    assert info["id"] == "tiny" and len(processor.tokenizer) == 49408
+    with torch.no_grad():
+        text = processor.tokenizer([im.entry["prompt"] for im in images], padding=True, truncation=True,
+                                   max_length=77, return_tensors="pt")
+        pixels = processor.image_processor(images=[im.load() for im in images], return_tensors="pt").pixel_values
+        out = clip(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=pixels)
+    direct = (out.logits_per_image.diagonal() / clip.logit_scale.exp()).tolist()   # = cos
+    assert [d["cos"] for d in details] == pytest.approx(direct, abs=1e-5)
+    assert len({round(d["cos"], 6) for d in details}) == len(details)               # a real, image-dependent score
+
+
+def test_per_set_values_and_h_a_on_hand_made_details():
+    m = ClipScore(model="tiny")
+    m.accumulate([{"cos": 0.30, "set": "art_erased", "split": "erased"}, {"cos": 0.20, "set": "art_erased", "split": "erased"},
+                  {"cos": 0.31, "set": "art_remained", "split": "remained"}, {"cos": 0.29, "set": "coco", "split": "coco"}])
+    r = m.compute()
+    assert r.values["art_erased"] == pytest.approx(25.0) and r.values["art_erased_std"] == pytest.approx(5.0)
+    assert r.values["art_remained"] == pytest.approx(31.0) and r.values["coco"] == pytest.approx(29.0)
+    assert r.values["h_a"] == pytest.approx(31.0 - 25.0)
+    cols = {c.key: c for c in r.columns}
+    assert cols["art_erased"].higher_is_better is False and cols["art_remained"].higher_is_better is True
+    assert cols["art_erased"].label.startswith("CS_e") and r.n == 4
+
+
+def test_floor_at_zero_variant():
+    plain, floored = ClipScore(model="tiny"), ClipScore(model="tiny", floor_at_zero=True)
+    d = [{"cos": -0.1, "set": "coco", "split": "coco"}, {"cos": 0.3, "set": "coco", "split": "coco"}]
+    plain.accumulate(d)
+    floored.accumulate(d)
+    assert plain.compute().values["coco"] == pytest.approx(10.0)
+    assert floored.compute().values["coco"] == pytest.approx(15.0)
+
+
+def test_shard_merge_equals_a_single_pass(images):
+    whole = ClipScore(model="tiny")
+    details = whole.update(images)
+    a, b = ClipScore(model="tiny"), ClipScore(model="tiny")
+    a.accumulate(details[:2])
+    b.accumulate(details[2:])
+    a.merge(b)
+    got, want = a.compute().values, whole.compute().values
+    assert got.keys() == want.keys() and all(math.isclose(got[k], want[k], rel_tol=1e-12) for k in want)
+
+
+def test_missing_model_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"metrics.clip_score.options.model=/path/to/clip-vit-base-patch32"):
+        load_clip("openai/clip-vit-base-patch32")
+
+
+def test_local_directory_loads_through_the_same_path():
+    clip, _, info = load_clip(str(tiny_clip_dir()))
+    assert info["revision"] is None and clip.config.projection_dim == 16
+
+
+def test_summary_scores_on_hand_made_values():
+    from cpebench.metrics.summary import h_a, h_o
+
+    assert h_o(1.17, 95.17) == pytest.approx(96.97, abs=0.005)      # a (Acc_e, Acc_r, H_o) triple from GLoCE#2
+    assert h_o(0.0, 100.0) == 100.0 and h_o(100.0, 0.0) == 0.0 and h_o(50.0, 50.0) == pytest.approx(50.0)
+    assert h_o(20.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    assert h_a(cs_erased=20.5, cs_remained=29.0) == pytest.approx(8.5)
