@@ -28,9 +28,10 @@ def test_smoke_run_produces_every_artifact(smoke_run, capsys):
     for name in ("config.yaml", "manifest.jsonl", "generation.json", "scores.jsonl", "summary.json"):
         assert (smoke_run / name).exists(), name
     manifest = [json.loads(l) for l in (smoke_run / "manifest.jsonl").read_text().splitlines()]
-    assert len(manifest) == 4 and all((smoke_run / e["file"]).exists() for e in manifest)
+    assert len(manifest) == 6 and all((smoke_run / e["file"]).exists() for e in manifest)   # 4 I2P + 2 COCO
     scores = [json.loads(l) for l in (smoke_run / "scores.jsonl").read_text().splitlines()]
-    assert sorted(s["key"] for s in scores) == sorted(e["key"] for e in manifest)
+    assert sorted(s["key"] for s in scores if s["metric"] == "nudenet") == sorted(e["key"] for e in manifest if e["set"] == "i2p")
+    assert sorted(s["key"] for s in scores if s["metric"] == "clip_score") == sorted(e["key"] for e in manifest if e["set"] == "coco")
     summary = json.loads((smoke_run / "summary.json").read_text())
     nn = summary["metrics"]["nudenet"]
     assert nn["n"] == 4 and set(nn["values"]) >= {"total", "rate", "female_breast"}
@@ -41,7 +42,10 @@ def test_smoke_run_produces_every_artifact(smoke_run, capsys):
     assert card["versions"]["torch"] and card["cpebench"]["version"]
     assert card["prompts"]["i2p"]["guidance"].startswith("per_row")
     # per-row guidance reached the manifest
-    assert sorted({e["guidance"] for e in manifest}) == [5.0, 7.0, 9.0]
+    assert sorted({e["guidance"] for e in manifest if e["set"] == "i2p"}) == [5.0, 7.0, 9.0]
+    assert {e["guidance"] for e in manifest if e["set"] == "coco"} == {7.5}
+    cs = summary["metrics"]["clip_score"]
+    assert cs["n"] == 2 and cs["info"]["id"] == "tiny" and "coco" in cs["values"]
 
 
 def test_table_and_rescore(smoke_run, capsys, tmp_path):
@@ -75,7 +79,7 @@ def test_force_starts_anew(tmp_path, tiny_dir):
     assert run_cli(*args, "--limit", "1") == 0
     assert run_cli(*args, "--limit", "2", "--force") == 0
     manifest = (tmp_path / "sd-nudity-tiny-smoke" / "manifest.jsonl").read_text().splitlines()
-    assert len(manifest) == 2
+    assert len(manifest) == 4          # 2 I2P + 2 COCO rows; the earlier 1 + 1 are gone
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -99,7 +103,7 @@ def test_full_size_run_on_cpu_is_refused_with_an_estimate(tmp_path, capsys, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     capsys.readouterr()
     rc = run_cli("generate", "--method", "sd", "--task", "nudity", "--model", str(tiny_dir), "--out", str(tmp_path),
-                 "prompt_sets.i2p.format=inline", "prompt_sets.i2p.rows=[{prompt: a, seed: 1}]")
+                 "prompt_sets.i2p.format=inline", "prompt_sets.i2p.rows=[{prompt: a, seed: 1}]", "metrics=nudenet")
     err = capsys.readouterr().err
     assert rc == 2 and "no GPU found" in err and "--preset smoke" in err and "--device cpu" in err
     assert "minutes" in err or "hours" in err
@@ -126,7 +130,7 @@ def test_real_prompt_file_run_with_limit(shared_data, tmp_path, tiny_dir):
     """The nudity task on the real I2P file (local copy), tiny model, 3 rows."""
     assert run_cli("run", "--method", "sd", "--task", "nudity", "--model", "tiny", "--device", "cpu",
                    "--data-dir", str(shared_data), "--limit", "3", "--out", str(tmp_path),
-                   "protocol.steps=2", "protocol.height=64", "protocol.width=64") == 0
+                   "protocol.steps=2", "protocol.height=64", "protocol.width=64", "metrics=nudenet") == 0
     summary = json.loads((tmp_path / "sd-nudity-tiny" / "summary.json").read_text())
     prompts = summary["protocol_card"]["prompts"]["i2p"]
     assert prompts["file"] == "prompts/I2P_prompts_4703.csv" and prompts["rows"] == 3
@@ -215,12 +219,12 @@ def test_torchrun_two_shards_match_single_process(tmp_path, tiny_dir, smoke_run)
            "run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path)]
     done = subprocess.run(cmd, env={**os.environ}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stderr.count("generated 2 images") == 2
+    assert done.stderr.count("generated 3 images") == 2        # 6 images (4 I2P + 2 COCO) in two shards
     run_dir = tmp_path / "sd-nudity-tiny-smoke"
     got = [json.loads(l) for l in (run_dir / "manifest.jsonl").read_text().splitlines()]
     ref = [json.loads(l) for l in (smoke_run / "manifest.jsonl").read_text().splitlines()]
     assert [(e["key"], e["sha256"]) for e in got] == [(e["key"], e["sha256"]) for e in ref]
-    assert len((run_dir / "scores.jsonl").read_text().splitlines()) == 4   # scored once, by rank 0
+    assert len((run_dir / "scores.jsonl").read_text().splitlines()) == 6   # scored once, by rank 0
 
 
 def test_artist_concepts_come_from_the_erased_set(shared_data):

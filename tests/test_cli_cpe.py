@@ -94,7 +94,7 @@ def test_generate_with_the_official_checkpoints(tiny_dir, tmp_path, tiny):
     assert gen["method"]["concepts"] == ["naked", "nudity"]      # one slot per checkpoint file, in path order
     official = sorted((out / "official" / "images").rglob("*.png"))
     base = sorted((out / "base" / "images").rglob("*.png"))
-    assert len(official) == len(base) == 4
+    assert len(official) == len(base) == 6          # 4 I2P + 2 COCO smoke rows
     assert any(a.read_bytes() != b.read_bytes() for a, b in zip(official, base))   # the residual changed images
 
 

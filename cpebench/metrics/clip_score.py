@@ -75,24 +75,29 @@ def tiny_clip_dir(seed: int = 0) -> Path:
     return path
 
 
+def resolve_clip(model: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """Local directory and hub commit of a CLIP model (``tiny``, a directory, or a hub id, cache first)."""
+    from ..models import resolve_model_dir
+
+    if model == TINY:
+        return tiny_clip_dir(), None
+    return resolve_model_dir(model, revision, allow_patterns=HUB_FILES, option="metrics.clip_score.options.model")
+
+
 def load_clip(model: str, revision: str | None = None, device: str = "cpu"):
     """(CLIPModel, CLIPProcessor, info) from ``tiny``, a local directory or a hub id (cache first)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from ..models import check_tokenizer, resolve_model_dir
+    from ..models import check_tokenizer
 
-    if model == TINY:
-        path, commit = tiny_clip_dir(), None
-    else:
-        path, commit = resolve_model_dir(model, revision, allow_patterns=HUB_FILES,
-                                         option="metrics.clip_score.options.model")
+    path, commit = resolve_clip(model, revision)
     try:
         clip = CLIPModel.from_pretrained(path).to(device).eval()
         processor = CLIPProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"CLIP model {model!r} ({path}) could not be loaded: {e}") from None
     check_tokenizer(processor.tokenizer, f"CLIP model {model}")
-    return clip, processor, {"id": model, "revision": commit, "class": type(clip).__name__}
+    return clip, processor, {"id": model, "revision": commit}
 
 
 class ClipScore(Metric):
@@ -169,7 +174,9 @@ class ClipScore(Metric):
         return MetricResult(self.name, values, n, columns, self.protocol())
 
     def protocol(self) -> dict:
-        info = dict(getattr(self, "_info", {"id": self.model_id, "revision": self.revision}))
+        if not hasattr(self, "_info"):   # re-scored from stored details: same card without loading weights
+            self._info = {"id": self.model_id, "revision": resolve_clip(self.model_id, self.revision)[1]}
+        info = dict(self._info)
         info.update({"score": "100*max(cos,0)" if self.floor_at_zero else "100*cos (unclipped)",
                      "text": "truncated to 77 tokens", "preprocessing": "the model's CLIPProcessor"})
         return info
