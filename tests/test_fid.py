@@ -1,0 +1,90 @@
+"""FID/KID core: the properties the scoring issue asks for, on Gaussians and on a tiny Inception stand-in."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cpebench.errors import ModelLoadError
+from cpebench.metrics.fid import (GaussianStats, InceptionFeatures, clean_resize, fid_from_stats, find_inception,
+                                  frechet_distance, kernel_inception_distance)
+
+
+def gaussian(n, d, shift=0.0, scale=1.0, seed=0):
+    return np.random.default_rng(seed).normal(shift, scale, size=(n, d))
+
+
+def stats(x):
+    s = GaussianStats(x.shape[1])
+    s.update(x)
+    return s
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    x = gaussian(500, 16)
+    assert abs(fid_from_stats(stats(x), stats(x))) < 1e-6
+
+
+def test_fid_matches_the_closed_form_for_gaussians():
+    # N(mu1, s1² I) vs N(mu2, s2² I): ||mu1 - mu2||² + d (s1 - s2)²
+    d = 4
+    closed = frechet_distance(np.zeros(d), np.eye(d), np.full(d, 0.5), 4 * np.eye(d))
+    assert closed == pytest.approx(d * 0.25 + d * (1 - 2) ** 2)
+    a, b = gaussian(200_000, d, 0.0, 1.0, seed=1), gaussian(200_000, d, 0.5, 2.0, seed=2)
+    assert fid_from_stats(stats(a), stats(b)) == pytest.approx(closed, rel=0.02)
+
+
+def test_streaming_and_shard_merged_stats_equal_numpy_and_a_single_pass():
+    x = gaussian(1000, 8, 1.0, 3.0)
+    whole = stats(x)
+    shards = [stats(x[:300]), stats(x[300:301]), stats(x[301:])]
+    merged = GaussianStats(8)
+    for s in shards:
+        merged.merge(s)
+    np.testing.assert_allclose(merged.mean(), x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(merged.cov(), np.cov(x, rowvar=False), rtol=1e-9)
+    np.testing.assert_allclose(merged.cov(), whole.cov(), rtol=1e-12)
+
+
+def test_kid_is_unbiased_on_identical_distributions_and_positive_when_shifted():
+    d = 32
+    values = [kernel_inception_distance(gaussian(400, d, seed=10 + i), gaussian(400, d, seed=100 + i),
+                                        num_subsets=20, seed=i) for i in range(10)]
+    # unbiased: the mean over independent draws is ~0 (not the positive bias of the V-statistic)
+    assert abs(np.mean(values)) < 3 * np.std(values) / np.sqrt(len(values)) + 1e-4
+    shifted = kernel_inception_distance(gaussian(400, d, seed=1), gaussian(400, d, 0.5, seed=2), num_subsets=20)
+    assert shifted > 10 * max(abs(v) for v in values)
+
+
+def test_kid_with_seed_reproduces_clean_fid_global_state_draws():
+    a, b = gaussian(50, 8, seed=1), gaussian(60, 8, 0.2, seed=2)
+    np.random.seed(0)
+    global_state = kernel_inception_distance(a, b, num_subsets=5, seed=None)
+    assert kernel_inception_distance(a, b, num_subsets=5, seed=0) == pytest.approx(global_state, rel=1e-12)
+
+
+def test_clean_resize_is_float_bicubic_per_channel():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8))
+    out = clean_resize(img)
+    assert out.shape == (299, 299, 3) and out.dtype == np.float32
+    assert not np.allclose(out, np.round(out))       # not quantised
+    ref = np.asarray(Image.fromarray(np.asarray(img)[:, :, 1].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC))
+    np.testing.assert_array_equal(out[:, :, 1], ref)
+
+
+def test_tiny_inception_loads_through_torch_jit_and_features_are_deterministic():
+    ext = InceptionFeatures("tiny", batch_size=2)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    f1, f2 = ext(imgs), ext(imgs[::-1])
+    assert f1.shape == (3, 64) and np.allclose(f1, f2[::-1])
+    assert isinstance(ext.model, torch.jit.ScriptModule) and len(ext.info()["sha256"]) == 64
+
+
+def test_missing_inception_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("cpebench.metrics.fid.inception_candidates", lambda: [tmp_path / "none.pt"])
+    with pytest.raises(ModelLoadError, match="inception-2015-12-05.pt"):
+        find_inception("auto")
+    with pytest.raises(ModelLoadError, match="do not exist"):
+        find_inception(str(tmp_path / "missing.pt"))
