@@ -365,6 +365,7 @@ def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True)
     with open(scores_path, "a", encoding="utf-8") as out:
         for name, mcfg in cfg.task.metrics.items():
             metric = build_metric(name, dict(mcfg.options))
+            metric.bind(run_dir)
             mine = [e for e in entries.values() if e["set"] in mcfg.prompt_sets]
             if not mine:
                 log.warning("metric %s: no generated images in sets %s", name, list(mcfg.prompt_sets))

@@ -1,13 +1,22 @@
 """FID/KID core: the properties the scoring issue asks for, on Gaussians and on a tiny Inception stand-in."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from cpebench.errors import ModelLoadError
-from cpebench.metrics.fid import (GaussianStats, InceptionFeatures, clean_resize, fid_from_stats, find_inception,
-                                  frechet_distance, kernel_inception_distance)
+from cpebench.metrics.fid import (
+    GaussianStats,
+    InceptionFeatures,
+    clean_resize,
+    fid_from_stats,
+    find_inception,
+    frechet_distance,
+    kernel_inception_distance,
+)
 
 
 def gaussian(n, d, shift=0.0, scale=1.0, seed=0):
@@ -88,3 +97,95 @@ def test_missing_inception_offline_is_a_clear_error(monkeypatch, tmp_path):
         find_inception("auto")
     with pytest.raises(ModelLoadError, match="do not exist"):
         find_inception(str(tmp_path / "missing.pt"))
+
+
+# --------------------------------------------------------------------------- the FID metric
+
+from cpebench.errors import ConfigError, DataError  # noqa: E402
+from cpebench.metrics import GeneratedImage  # noqa: E402
+from cpebench.metrics.fid import FID, coco_id_of  # noqa: E402
+
+
+def _images(folder, ids, seed, real=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in ids:
+        name = f"COCO_val2014_{i:012d}.jpg" if real else f"{i}_0.png"
+        arr = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / name, quality=95)
+        out.append(GeneratedImage(folder / name, {"key": f"coco/{i}/0", "set": "coco", "extras": {"coco_id": i}}))
+    return out
+
+
+@pytest.fixture
+def coco(tmp_path):
+    ids = [9, 25, 30, 42, 73, 74, 77, 1000, 203564]
+    real = _images(tmp_path / "val2014", ids + [5, 6], seed=1, real=True)     # extra images are not used
+    gen = _images(tmp_path / "run" / "images", ids, seed=2)
+    return tmp_path, ids, real, gen
+
+
+def test_fid_metric_equals_the_direct_computation_and_is_zero_on_the_reference(coco):
+    tmp, ids, real, gen = coco
+    metric = FID(reference_images=str(tmp / "val2014"), inception="tiny", batch_size=4)
+    metric.bind(tmp / "run")
+    details = metric.update(gen)
+    value = metric.compute().values["coco"]
+    ext = metric.extractor()
+    direct = fid_from_stats(stats(ext([g.load() for g in gen])), stats(ext([r.load() for r in real[: len(ids)]])))
+    assert value == pytest.approx(direct, rel=1e-9) and value > 0
+    # replaying the stored details (a resumed run) gives the same number without recomputing features
+    again = FID(reference_images=str(tmp / "val2014"), inception="tiny")
+    again.bind(tmp / "run")
+    again.accumulate(details)
+    assert again.compute().values["coco"] == pytest.approx(value, rel=1e-12)
+    # the real images themselves score 0
+    self_metric = FID(reference_images=str(tmp / "val2014"), inception="tiny")
+    self_metric.bind(tmp / "run2")
+    self_metric.update(real[: len(ids)])
+    assert abs(self_metric.compute().values["coco"]) < 1e-6
+
+
+def test_fid_shards_merge_to_the_single_pass_value(coco):
+    tmp, ids, real, gen = coco
+    single = FID(reference_images=str(tmp / "val2014"), inception="tiny")
+    single.bind(tmp / "run")
+    single.update(gen)
+    a, b = FID(reference_images=str(tmp / "val2014"), inception="tiny"), FID(reference_images=str(tmp / "val2014"), inception="tiny")
+    for m, part in ((a, gen[:4]), (b, gen[4:])):
+        m.bind(tmp / "run")
+        m.update(part)
+    a.merge(b)
+    assert a.compute().values["coco"] == pytest.approx(single.compute().values["coco"], rel=1e-9)
+
+
+def test_fid_reference_stats_are_cached_by_ids_and_extractor(coco, monkeypatch):
+    tmp, ids, real, gen = coco
+    m = FID(reference_images=str(tmp / "val2014"), inception="tiny")
+    m.bind(tmp / "run")
+    m.update(gen)
+    first = m.compute()
+    cached = first.info["sets"]["coco"]["reference_stats"]
+    assert "n9" in cached and "clean299" in cached and "inception" in cached
+    import shutil
+
+    shutil.rmtree(tmp / "val2014")          # the cache answers without the images
+    assert m.compute().values["coco"] == first.values["coco"]
+
+
+def test_fid_reference_errors_are_clear(coco, monkeypatch):
+    tmp, ids, real, gen = coco
+    monkeypatch.setenv("CPEBENCH_CACHE", str(tmp / "cache"))     # no cached reference statistics
+    m = FID(inception="tiny")
+    m.bind(tmp / "run")
+    m.update(gen)
+    with pytest.raises(ConfigError, match="reference_images"):
+        m.compute()
+    (tmp / "val2014" / "COCO_val2014_000000000042.jpg").unlink()
+    m = FID(reference_images=str(tmp / "val2014"), inception="tiny")
+    m.bind(tmp / "run")
+    m.update(gen)
+    with pytest.raises(DataError, match="1 of 9 COCO ids have no image.*000000000042"):
+        m.compute()
+    assert coco_id_of(Path("COCO_val2014_000000203564.jpg")) == 203564 and coco_id_of(Path("x_12.jpg")) is None

@@ -17,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, DataError, ModelLoadError
+from . import Column, GeneratedImage, Metric, MetricResult
 
 log = logging.getLogger(__name__)
 
@@ -231,3 +234,145 @@ def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, num_subset
         b = (x @ y.T / n + 1) ** 3
         t += (a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m
     return float(t / num_subsets / m)
+
+
+# --------------------------------------------------------------------------- the FID metric
+
+
+_COCO_ID = re.compile(r"(\d{12})$")
+
+
+def coco_id_of(path: Path) -> int | None:
+    """The 12-digit zero-padded id a COCO file name ends with (COCO_val2014_000000203564.jpg), else None."""
+    m = _COCO_ID.search(path.stem)
+    return int(m.group(1)) if m else None
+
+
+class FID(Metric):
+    """FID of each scored prompt set against the real images of the same COCO ids (protocols.md §8)."""
+
+    name = "fid"
+    higher_is_better = False
+    description = "FID (clean-fid protocol) against real MS-COCO images selected by coco_id"
+
+    def __init__(self, reference_images: str | None = None, inception: str = "auto", device: str = "auto",
+                 batch_size: int = 64):
+        self.reference_images = reference_images
+        self.inception = inception
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.batch_size = int(batch_size)
+        self.store: Path | None = None
+        self._extractor: InceptionFeatures | None = None
+        super().__init__()
+
+    def reset(self) -> None:
+        self.stats: dict[str, GaussianStats] = {}
+        self.ids: dict[str, list[int]] = {}
+        self._chunk: tuple[str, np.ndarray] | None = None
+
+    def bind(self, run_dir: Path) -> None:
+        self.store = Path(run_dir) / "features"
+
+    def extractor(self) -> InceptionFeatures:
+        if self._extractor is None:
+            self._extractor = InceptionFeatures(self.inception, self.device, self.batch_size)
+        return self._extractor
+
+    def score(self, images: Sequence[GeneratedImage]) -> list[dict]:
+        if self.store is None:
+            raise RuntimeError("FID.bind(run_dir) must be called before scoring (features live beside the run)")
+        ext = self.extractor()
+        feats = ext([im.load() for im in images])
+        keys = "\n".join(im.key for im in images)
+        chunk = f"inception-{ext.sha256[:12]}-{hashlib.sha256(keys.encode()).hexdigest()[:16]}.npy"
+        self.store.mkdir(parents=True, exist_ok=True)
+        tmp = self.store / f".{chunk}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+        os.replace(tmp, self.store / chunk)
+        return [{"chunk": chunk, "row": i, "set": im.entry["set"], "coco_id": (im.entry.get("extras") or {}).get("coco_id")}
+                for i, im in enumerate(images)]
+
+    def _row(self, chunk: str, row: int) -> np.ndarray:
+        if self._chunk is None or self._chunk[0] != chunk:
+            if self.store is None:
+                raise RuntimeError("FID.bind(run_dir) must be called before replaying stored details")
+            self._chunk = (chunk, np.load(self.store / chunk))
+        return self._chunk[1][row : row + 1]
+
+    def accumulate(self, details: Sequence[dict]) -> None:
+        for d in details:
+            feats = self._row(d["chunk"], d["row"])
+            self.stats.setdefault(d["set"], GaussianStats(feats.shape[1])).update(feats)
+            self.ids.setdefault(d["set"], []).append(d["coco_id"])
+
+    def merge(self, other: "FID") -> None:
+        for name, st in other.stats.items():
+            if name in self.stats:
+                self.stats[name].merge(st)
+            else:
+                self.stats[name] = st
+            self.ids.setdefault(name, []).extend(other.ids.get(name, []))
+
+    def reference_stats(self, ids: Sequence[int]) -> tuple[GaussianStats, dict]:
+        """Statistics of the real images with these COCO ids; cached under a name that encodes the id
+        set, the resize mode and the feature extractor."""
+        from .. import data
+
+        if not self.reference_images:
+            raise ConfigError("metrics.fid.options.reference_images: give the folder of real MS-COCO images "
+                              "(e.g. val2014/, files named by their 12-digit coco_id)")
+        if any(i is None for i in ids):
+            raise ConfigError("metrics.fid: some scored images have no coco_id (FID is for the COCO prompt set)")
+        ext = self.extractor()
+        wanted = sorted(set(int(i) for i in ids))
+        id_hash = hashlib.sha256(",".join(map(str, wanted)).encode()).hexdigest()[:12]
+        name = f"coco-ids{id_hash}-n{len(wanted)}-clean{SIZE}-inception{ext.sha256[:12]}.npz"
+        cached = data.cache_dir() / "fid-reference" / name
+        info = {"reference": str(self.reference_images), "reference_stats": str(cached), "reference_n": len(wanted)}
+        if cached.exists():
+            return GaussianStats.from_npz(cached), info
+        root = Path(self.reference_images).expanduser()
+        if not root.is_dir():
+            raise DataError(f"metrics.fid.options.reference_images: {root} is not a directory")
+        found = {}
+        for p in root.rglob("*"):
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png") and (i := coco_id_of(p)) is not None:
+                found.setdefault(i, p)
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise DataError(f"{root}: {len(missing)} of {len(wanted)} COCO ids have no image (first: "
+                            f"{missing[0]:012d}); give the folder that holds them (val2014 for coco_30k)")
+        from PIL import Image
+        from tqdm.auto import tqdm
+
+        stats: GaussianStats | None = None
+        paths = [found[i] for i in wanted]
+        for k in tqdm(range(0, len(paths), self.batch_size), desc="fid reference", unit="batch", leave=False):
+            images = []
+            for p in paths[k : k + self.batch_size]:
+                with Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+            feats = ext(images)
+            stats = stats or GaussianStats(feats.shape[1])
+            stats.update(feats)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.npz")
+        stats.to_npz(tmp)
+        os.replace(tmp, cached)
+        return stats, info
+
+    def compute(self) -> MetricResult:
+        values, columns, info, n = {}, [], {}, 0
+        for name, st in sorted(self.stats.items()):
+            ref, ref_info = self.reference_stats(self.ids[name])
+            values[name] = fid_from_stats(st, ref)
+            values[f"{name}_n"] = st.n
+            n += st.n
+            columns.append(Column(name, f"FID {name}", False))
+            info[name] = ref_info
+        return MetricResult(self.name, values, n, columns, {**self.protocol(), "sets": info})
+
+    def protocol(self) -> dict:
+        ext = self.extractor()
+        return {**ext.info(), "mode": "clean-fid clean", "reference": "real MS-COCO images by coco_id"}
