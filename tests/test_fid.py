@@ -189,3 +189,59 @@ def test_fid_reference_errors_are_clear(coco, monkeypatch):
     with pytest.raises(DataError, match="1 of 9 COCO ids have no image.*000000000042"):
         m.compute()
     assert coco_id_of(Path("COCO_val2014_000000203564.jpg")) == 203564 and coco_id_of(Path("x_12.jpg")) is None
+
+
+# --------------------------------------------------------------------------- the KID metric
+
+import json  # noqa: E402
+
+from cpebench.metrics.fid import KID  # noqa: E402
+
+
+def _run(folder, n, seed, shift=0):
+    """A run directory with a manifest, as the engine writes one."""
+    (folder / "images" / "art").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines, images = [], []
+    for i in range(n):
+        arr = np.clip(rng.integers(0, 200, (40, 40, 3)) + shift, 0, 255).astype(np.uint8)
+        entry = {"key": f"art/{i}/0", "file": f"images/art/{i}_0.png", "set": "art"}
+        Image.fromarray(arr).save(folder / entry["file"])
+        lines.append(json.dumps(entry))
+        images.append(GeneratedImage(folder / entry["file"], entry))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return images
+
+
+def test_kid_metric_equals_the_direct_computation_against_the_reference_run(tmp_path):
+    ref_images = _run(tmp_path / "sd", 12, seed=1)
+    edited = _run(tmp_path / "cpe", 12, seed=2, shift=40)
+    m = KID(reference_run=str(tmp_path / "sd"), inception="tiny", num_subsets=10)
+    m.bind(tmp_path / "cpe")
+    m.update(edited)
+    r = m.compute()
+    ext = m.extractor()
+    direct = kernel_inception_distance(ext([e.load() for e in edited]), ext([e.load() for e in ref_images]), 10, seed=0)
+    assert r.values["art_raw"] == pytest.approx(direct, rel=1e-9) and r.values["art"] == pytest.approx(direct * 1e3)
+    assert r.columns[0].label == "KID×10³ art" and r.columns[0].higher_is_better is False
+    assert list((tmp_path / "sd" / "features").glob("inception-*.npy"))      # reference features cached there
+    # the unedited model against its own images: far below the edited model's value
+    same = KID(reference_run=str(tmp_path / "sd"), inception="tiny", num_subsets=10)
+    same.bind(tmp_path / "sd")
+    same.update(ref_images)
+    assert abs(same.compute().values["art_raw"]) < 0.2 * direct
+
+
+def test_kid_reference_errors_are_clear(tmp_path):
+    _run(tmp_path / "sd", 3, seed=1)
+    edited = _run(tmp_path / "cpe", 5, seed=2)
+    m = KID(inception="tiny")
+    m.bind(tmp_path / "cpe")
+    m.update(edited)
+    with pytest.raises(ConfigError, match="reference_run"):
+        m.compute()
+    m = KID(reference_run=str(tmp_path / "sd"), inception="tiny")
+    m.bind(tmp_path / "cpe")
+    m.update(edited)
+    with pytest.raises(DataError, match="lacks 2 of the 5 images.*art/3/0"):
+        m.compute()

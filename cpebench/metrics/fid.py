@@ -248,27 +248,18 @@ def coco_id_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-class FID(Metric):
-    """FID of each scored prompt set against the real images of the same COCO ids (protocols.md §8)."""
+class InceptionMetric(Metric):
+    """Shared by FID and KID: Inception features of the scored images, kept beside the run as .npy
+    chunks; ``scores.jsonl`` holds only (chunk, row), so a resumed run replays without recomputing."""
 
-    name = "fid"
-    higher_is_better = False
-    description = "FID (clean-fid protocol) against real MS-COCO images selected by coco_id"
-
-    def __init__(self, reference_images: str | None = None, inception: str = "auto", device: str = "auto",
-                 batch_size: int = 64):
-        self.reference_images = reference_images
+    def __init__(self, inception: str = "auto", device: str = "auto", batch_size: int = 64):
         self.inception = inception
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.batch_size = int(batch_size)
         self.store: Path | None = None
         self._extractor: InceptionFeatures | None = None
-        super().__init__()
-
-    def reset(self) -> None:
-        self.stats: dict[str, GaussianStats] = {}
-        self.ids: dict[str, list[int]] = {}
         self._chunk: tuple[str, np.ndarray] | None = None
+        super().__init__()
 
     def bind(self, run_dir: Path) -> None:
         self.store = Path(run_dir) / "features"
@@ -278,27 +269,52 @@ class FID(Metric):
             self._extractor = InceptionFeatures(self.inception, self.device, self.batch_size)
         return self._extractor
 
-    def score(self, images: Sequence[GeneratedImage]) -> list[dict]:
-        if self.store is None:
-            raise RuntimeError("FID.bind(run_dir) must be called before scoring (features live beside the run)")
+    def features(self, images: Sequence[GeneratedImage], store: Path) -> tuple[str, np.ndarray]:
+        """Features of ``images`` written to a chunk in ``store`` (named by the extractor and the keys)."""
         ext = self.extractor()
         feats = ext([im.load() for im in images])
         keys = "\n".join(im.key for im in images)
         chunk = f"inception-{ext.sha256[:12]}-{hashlib.sha256(keys.encode()).hexdigest()[:16]}.npy"
-        self.store.mkdir(parents=True, exist_ok=True)
-        tmp = self.store / f".{chunk}.{os.getpid()}.tmp"
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = store / f".{chunk}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             np.save(f, feats)
-        os.replace(tmp, self.store / chunk)
-        return [{"chunk": chunk, "row": i, "set": im.entry["set"], "coco_id": (im.entry.get("extras") or {}).get("coco_id")}
-                for i, im in enumerate(images)]
+        os.replace(tmp, store / chunk)
+        return chunk, feats
+
+    def score(self, images: Sequence[GeneratedImage]) -> list[dict]:
+        if self.store is None:
+            raise RuntimeError(f"{self.name}: bind(run_dir) must be called before scoring (features live beside the run)")
+        chunk, _ = self.features(images, self.store)
+        return [{"chunk": chunk, "row": i, "set": im.entry["set"], "key": im.key,
+                 "coco_id": (im.entry.get("extras") or {}).get("coco_id")} for i, im in enumerate(images)]
 
     def _row(self, chunk: str, row: int) -> np.ndarray:
         if self._chunk is None or self._chunk[0] != chunk:
             if self.store is None:
-                raise RuntimeError("FID.bind(run_dir) must be called before replaying stored details")
+                raise RuntimeError(f"{self.name}: bind(run_dir) must be called before replaying stored details")
             self._chunk = (chunk, np.load(self.store / chunk))
         return self._chunk[1][row : row + 1]
+
+    def protocol(self) -> dict:
+        return {**self.extractor().info(), "mode": "clean-fid clean"}
+
+
+class FID(InceptionMetric):
+    """FID of each scored prompt set against the real images of the same COCO ids (protocols.md §8)."""
+
+    name = "fid"
+    higher_is_better = False
+    description = "FID (clean-fid protocol) against real MS-COCO images selected by coco_id"
+
+    def __init__(self, reference_images: str | None = None, inception: str = "auto", device: str = "auto",
+                 batch_size: int = 64):
+        self.reference_images = reference_images
+        super().__init__(inception, device, batch_size)
+
+    def reset(self) -> None:
+        self.stats: dict[str, GaussianStats] = {}
+        self.ids: dict[str, list[int]] = {}
 
     def accumulate(self, details: Sequence[dict]) -> None:
         for d in details:
@@ -374,5 +390,75 @@ class FID(Metric):
         return MetricResult(self.name, values, n, columns, {**self.protocol(), "sets": info})
 
     def protocol(self) -> dict:
-        ext = self.extractor()
-        return {**ext.info(), "mode": "clean-fid clean", "reference": "real MS-COCO images by coco_id"}
+        return {**super().protocol(), "reference": "real MS-COCO images by coco_id"}
+
+
+class KID(InceptionMetric):
+    """KID of each scored prompt set against the unedited model's images of the same rows and seeds
+    (protocols.md §5/§8: the reference is a run of ``sd`` under the same protocol)."""
+
+    name = "kid"
+    higher_is_better = False
+    description = "KID×10³ (clean-fid kernel, seeded subsets) against the unedited model's images of the same rows"
+
+    def __init__(self, reference_run: str | None = None, inception: str = "auto", device: str = "auto",
+                 batch_size: int = 64, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0):
+        self.reference_run = reference_run
+        self.num_subsets, self.max_subset_size, self.seed = int(num_subsets), int(max_subset_size), seed
+        super().__init__(inception, device, batch_size)
+
+    def reset(self) -> None:
+        self.feats: dict[str, list[np.ndarray]] = {}
+        self.keys: dict[str, list[str]] = {}
+
+    def accumulate(self, details: Sequence[dict]) -> None:
+        for d in details:
+            self.feats.setdefault(d["set"], []).append(self._row(d["chunk"], d["row"]))
+            self.keys.setdefault(d["set"], []).append(d["key"])
+
+    def merge(self, other: "KID") -> None:
+        for name in other.feats:
+            self.feats.setdefault(name, []).extend(other.feats[name])
+            self.keys.setdefault(name, []).extend(other.keys[name])
+
+    def reference_features(self, keys: Sequence[str]) -> tuple[np.ndarray, dict]:
+        """Features of the reference run's images with these keys (cached in that run's features/)."""
+        from ..engine import read_manifest
+
+        if not self.reference_run:
+            raise ConfigError("metrics.kid.options.reference_run: give the run directory of the unedited model "
+                              "(`cpebench generate --method sd --task <task>` with the same protocol)")
+        root = Path(self.reference_run).expanduser()
+        entries = read_manifest(root)
+        missing = [k for k in keys if k not in entries]
+        if missing:
+            raise DataError(f"{root}: the reference run lacks {len(missing)} of the {len(keys)} images scored here "
+                            f"(first: {missing[0]}); generate them with the unedited model and the same protocol")
+        ref = [GeneratedImage(root / entries[k]["file"], entries[k]) for k in keys]
+        chunk = f"inception-{self.extractor().sha256[:12]}-{hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]}.npy"
+        cached = root / "features" / chunk
+        feats = np.load(cached) if cached.exists() else self.features(ref, root / "features")[1]
+        method = None
+        gen = root / "generation.json"
+        if gen.exists():
+            import json
+
+            method = json.loads(gen.read_text()).get("method", {}).get("name")
+        return feats, {"reference_run": str(root), "reference_method": method, "reference_n": len(keys)}
+
+    def compute(self) -> MetricResult:
+        values, columns, info, n = {}, [], {}, 0
+        for name in sorted(self.feats):
+            gen = np.concatenate(self.feats[name])
+            ref, ref_info = self.reference_features(self.keys[name])
+            raw = kernel_inception_distance(gen, ref, self.num_subsets, self.max_subset_size, self.seed)
+            values[name], values[f"{name}_raw"], values[f"{name}_n"] = raw * 1e3, raw, gen.shape[0]
+            n += gen.shape[0]
+            columns.append(Column(name, f"KID×10³ {name}", False))
+            info[name] = ref_info
+        return MetricResult(self.name, values, n, columns, {**self.protocol(), "sets": info})
+
+    def protocol(self) -> dict:
+        return {**super().protocol(), "kernel": "(x·y/d + 1)^3, unbiased MMD²", "subsets": self.num_subsets,
+                "max_subset_size": self.max_subset_size, "seed": self.seed,
+                "reference": "the unedited model's images of the same rows and seeds"}
