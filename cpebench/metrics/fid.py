@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -72,7 +73,9 @@ def tiny_inception_path(seed: int = 0) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.jit.save(torch.jit.script(_TinyInception()), str(tmp))
+        with warnings.catch_warnings():   # torchscript is deprecated, but clean-fid's Inception is one
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.script(_TinyInception()), str(tmp))
         os.replace(tmp, path)
     return path
 
@@ -133,7 +136,9 @@ class InceptionFeatures:
         self.device = device
         self.batch_size = batch_size
         try:
-            self.model = torch.jit.load(str(self.path), map_location=device).eval()
+            with warnings.catch_warnings():   # torchscript is deprecated, but clean-fid's Inception is one
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = torch.jit.load(str(self.path), map_location=device).eval()
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(f"{self.path} is not a torchscript Inception model: {e}") from None
 
