@@ -36,7 +36,13 @@ HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
 
 def save_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     """A random-weight CLIP (32-d, 32² images) with the real 49,408-token tokenizer, saved like a hub model."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     from ..models import write_clip_tokenizer_files
 
@@ -57,9 +63,9 @@ def save_tiny_clip(path: str | Path, seed: int = 0) -> Path:
 
 
 def tiny_clip_dir(seed: int = 0) -> Path:
-    from .. import data
-
     import transformers
+
+    from .. import data
 
     path = data.cache_dir() / "models" / f"tiny-clip-seed{seed}-torch{torch.__version__}-transformers{transformers.__version__}"
     if not (path / "config.json").exists():
