@@ -294,12 +294,17 @@ class InceptionMetric(Metric):
         return [{"chunk": chunk, "row": i, "set": im.entry["set"], "key": im.key,
                  "coco_id": (im.entry.get("extras") or {}).get("coco_id")} for i, im in enumerate(images)]
 
-    def _row(self, chunk: str, row: int) -> np.ndarray:
-        if self._chunk is None or self._chunk[0] != chunk:
-            if self.store is None:
-                raise RuntimeError(f"{self.name}: bind(run_dir) must be called before replaying stored details")
-            self._chunk = (chunk, np.load(self.store / chunk))
-        return self._chunk[1][row : row + 1]
+    def grouped(self, details: Sequence[dict]):
+        """(set, features [k, d], details) per (chunk, set), in order: one matrix op per chunk, not per image."""
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for d in details:
+            groups.setdefault((d["chunk"], d["set"]), []).append(d)
+        for (chunk, set_name), ds in groups.items():
+            if self._chunk is None or self._chunk[0] != chunk:
+                if self.store is None:
+                    raise RuntimeError(f"{self.name}: bind(run_dir) must be called before replaying stored details")
+                self._chunk = (chunk, np.load(self.store / chunk))
+            yield set_name, self._chunk[1][[d["row"] for d in ds]], ds
 
     def protocol(self) -> dict:
         return {**self.extractor().info(), "mode": "clean-fid clean"}
@@ -322,10 +327,9 @@ class FID(InceptionMetric):
         self.ids: dict[str, list[int]] = {}
 
     def accumulate(self, details: Sequence[dict]) -> None:
-        for d in details:
-            feats = self._row(d["chunk"], d["row"])
-            self.stats.setdefault(d["set"], GaussianStats(feats.shape[1])).update(feats)
-            self.ids.setdefault(d["set"], []).append(d["coco_id"])
+        for set_name, feats, ds in self.grouped(details):
+            self.stats.setdefault(set_name, GaussianStats(feats.shape[1])).update(feats)
+            self.ids.setdefault(set_name, []).extend(d["coco_id"] for d in ds)
 
     def merge(self, other: "FID") -> None:
         for name, st in other.stats.items():
@@ -346,7 +350,7 @@ class FID(InceptionMetric):
         if any(i is None for i in ids):
             raise ConfigError("metrics.fid: some scored images have no coco_id (FID is for the COCO prompt set)")
         ext = self.extractor()
-        wanted = sorted(set(int(i) for i in ids))
+        wanted = sorted({int(i) for i in ids})
         id_hash = hashlib.sha256(",".join(map(str, wanted)).encode()).hexdigest()[:12]
         name = f"coco-ids{id_hash}-n{len(wanted)}-clean{SIZE}-inception{ext.sha256[:12]}.npz"
         cached = data.cache_dir() / "fid-reference" / name
@@ -417,9 +421,9 @@ class KID(InceptionMetric):
         self.keys: dict[str, list[str]] = {}
 
     def accumulate(self, details: Sequence[dict]) -> None:
-        for d in details:
-            self.feats.setdefault(d["set"], []).append(self._row(d["chunk"], d["row"]))
-            self.keys.setdefault(d["set"], []).append(d["key"])
+        for set_name, feats, ds in self.grouped(details):
+            self.feats.setdefault(set_name, []).append(feats)
+            self.keys.setdefault(set_name, []).extend(d["key"] for d in ds)
 
     def merge(self, other: "KID") -> None:
         for name in other.feats:
