@@ -245,3 +245,20 @@ def test_kid_reference_errors_are_clear(tmp_path):
     m.update(edited)
     with pytest.raises(DataError, match="lacks 2 of the 5 images.*art/3/0"):
         m.compute()
+
+
+def test_fid_through_the_cli_on_the_smoke_coco_rows(tmp_path, tiny_dir):
+    from cpebench.cli import main
+
+    real = tmp_path / "val2014"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for i in (0, 1):   # the coco_ids of the smoke rows
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(real / f"COCO_val2014_{i:012d}.jpg")
+    assert main(["-q", "run", "--method", "sd", "--task", "coco", "--preset", "smoke", "--out", str(tmp_path / "runs"),
+                 "metrics.fid.prompt_sets=[coco]", f"metrics.fid.options.reference_images={real}",
+                 "metrics.fid.options.inception=tiny"]) == 0
+    summary = json.loads((tmp_path / "runs" / "sd-coco-tiny-smoke" / "summary.json").read_text())
+    fid = summary["metrics"]["fid"]
+    assert fid["n"] == 2 and fid["values"]["coco"] > 0 and fid["info"]["sets"]["coco"]["reference_n"] == 2
+    assert len(list((tmp_path / "runs" / "sd-coco-tiny-smoke" / "features").glob("inception-*.npy"))) == 1
