@@ -54,6 +54,8 @@ def cmd_generate(args, then_score: bool = False) -> int:
     from . import runner
 
     cfg = _resolve(args)
+    if then_score:
+        runner.check_metrics(cfg)
     run_dir = runner.prepare_run_dir(cfg, force=args.force)
     print(f"run directory: {run_dir}", file=sys.stderr)
     stats = runner.generate(cfg, run_dir, progress=not args.quiet)

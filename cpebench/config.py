@@ -106,6 +106,7 @@ class PresetConfig:
     run: Mapping[str, Any] = field(default_factory=dict)
     hparams: Mapping[str, Any] = field(default_factory=dict)   # per method: {cpe: {stages: 2, ...}}
     metric_options: Mapping[str, Any] = field(default_factory=dict)   # per metric: {clip_score: {model: tiny}}
+    metrics_off: tuple = ()          # metrics this preset cannot run (e.g. FID without real COCO images)
 
 
 @dataclass(frozen=True)
@@ -378,8 +379,9 @@ def resolve_run(
         run_raw = deep_merge(run_raw, p.run)
         preset_hparams = dict(p.hparams.get(method) or {})
         used = {m: {"options": dict(o)} for m, o in p.metric_options.items() if m in task_cfg.metrics}
-        if used:   # only for metrics the task scores; the command line still wins
+        if used or any(m in task_cfg.metrics for m in p.metrics_off):   # the command line still wins
             task_raw = deep_merge(task_raw, {"metrics": used})
+            task_raw["metrics"] = {k: v for k, v in task_raw["metrics"].items() if k not in p.metrics_off}
             task_cfg = build(TaskConfig, task_raw, f"preset {preset}")
 
     over: dict = {}

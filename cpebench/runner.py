@@ -270,6 +270,12 @@ def _now() -> str:
 # --------------------------------------------------------------------------- generate
 
 
+def check_metrics(cfg: RunConfig) -> None:
+    """Build every metric of the task and let it fail now, not after hours of generation."""
+    for name, mcfg in cfg.task.metrics.items():
+        build_metric(name, dict(mcfg.options)).check()
+
+
 def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
     items, set_infos = work_items(cfg)
     if not items:

@@ -262,3 +262,18 @@ def test_fid_through_the_cli_on_the_smoke_coco_rows(tmp_path, tiny_dir):
     fid = summary["metrics"]["fid"]
     assert fid["n"] == 2 and fid["values"]["coco"] > 0 and fid["info"]["sets"]["coco"]["reference_n"] == 2
     assert len(list((tmp_path / "runs" / "sd-coco-tiny-smoke" / "features").glob("inception-*.npy"))) == 1
+
+
+def test_fid_in_a_task_fails_before_generation_without_real_images(tmp_path, tiny_dir, monkeypatch, capsys):
+    from cpebench.cli import main
+    from cpebench.config import resolve_run
+
+    monkeypatch.delenv("CPEBENCH_COCO", raising=False)
+    assert "fid" in resolve_run("sd", "coco").task.metrics
+    assert "fid" not in resolve_run("sd", "coco", preset="smoke").task.metrics      # the smoke preset turns it off
+    assert main(["-q", "run", "--method", "sd", "--task", "coco", "--model", "tiny", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 2
+    assert "CPEBENCH_COCO" in capsys.readouterr().err
+    assert not (tmp_path / "sd-coco-tiny").exists()                                # nothing was generated
+    monkeypatch.setenv("CPEBENCH_COCO", str(tmp_path))
+    assert FID().reference_images == str(tmp_path)

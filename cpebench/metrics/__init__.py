@@ -86,6 +86,10 @@ class Metric(abc.ABC):
     def merge(self, other: "Metric") -> None:
         """Add another shard's state into this one."""
 
+    def check(self) -> None:
+        """Fail early (before any image is generated) when the metric cannot run, e.g. a missing
+        reference. Default: nothing to check."""
+
     def bind(self, run_dir: Path) -> None:
         """The run directory being scored: metrics with large per-image data (features) keep it
         there and store only a reference in ``scores.jsonl``. Default: nothing to keep."""

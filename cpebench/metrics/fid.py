@@ -317,10 +317,18 @@ class FID(InceptionMetric):
     higher_is_better = False
     description = "FID (clean-fid protocol) against real MS-COCO images selected by coco_id"
 
-    def __init__(self, reference_images: str | None = None, inception: str = "auto", device: str = "auto",
+    def __init__(self, reference_images: str | None = "auto", inception: str = "auto", device: str = "auto",
                  batch_size: int = 64):
-        self.reference_images = reference_images
+        # auto: $CPEBENCH_COCO (a folder of the real MS-COCO images, e.g. val2014/)
+        self.reference_images = (os.environ.get("CPEBENCH_COCO") or None) if reference_images == "auto" else reference_images
         super().__init__(inception, device, batch_size)
+
+    def check(self) -> None:
+        if not self.reference_images:
+            raise ConfigError("metrics.fid needs the real MS-COCO images: set CPEBENCH_COCO=/path/to/val2014 or "
+                              "metrics.fid.options.reference_images=DIR (or leave FID out: metrics=<the others>)")
+        if not Path(self.reference_images).expanduser().is_dir():
+            raise ConfigError(f"metrics.fid.options.reference_images: {self.reference_images} is not a directory")
 
     def reset(self) -> None:
         self.stats: dict[str, GaussianStats] = {}
@@ -345,8 +353,7 @@ class FID(InceptionMetric):
         from .. import data
 
         if not self.reference_images:
-            raise ConfigError("metrics.fid.options.reference_images: give the folder of real MS-COCO images "
-                              "(e.g. val2014/, files named by their 12-digit coco_id)")
+            self.check()
         if any(i is None for i in ids):
             raise ConfigError("metrics.fid: some scored images have no coco_id (FID is for the COCO prompt set)")
         ext = self.extractor()
