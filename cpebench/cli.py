@@ -62,6 +62,7 @@ def cmd_generate(args, then_score: bool = False) -> int:
     print(f"generated {stats.get('generated', 0)} images, {stats.get('skipped', 0)} already done, "
           f"{stats.get('flagged', 0)} flagged (NaN/black)", file=sys.stderr)
     if then_score and int(os.environ.get("RANK", "0")) == 0:   # one scorer when sharded
+        runner.ensure_reference_run(cfg, progress=not args.quiet)
         summary = runner.score(run_dir, cfg, progress=not args.quiet)
         from .report import render
 

@@ -270,10 +270,41 @@ def _now() -> str:
 # --------------------------------------------------------------------------- generate
 
 
+def reference_config(cfg: RunConfig) -> RunConfig:
+    """The unedited model under the same protocol and prompt sets (KID's reference run)."""
+    from .config import load_method_config
+
+    return dataclasses.replace(cfg, method=load_method_config("sd"),
+                               run=dataclasses.replace(cfg.run, name=None, artifact=None))
+
+
+def metric_options(cfg: RunConfig, name: str) -> dict:
+    """The metric's options with ``reference_run: auto`` resolved to the reference run's directory."""
+    options = dict(cfg.task.metrics[name].options)
+    if getattr(METRICS.get(name), "uses_reference_run", False) and options.get("reference_run", "auto") == "auto":
+        options["reference_run"] = str(Path(cfg.run.out) / run_name(reference_config(cfg)))
+    return options
+
+
 def check_metrics(cfg: RunConfig) -> None:
     """Build every metric of the task and let it fail now, not after hours of generation."""
-    for name, mcfg in cfg.task.metrics.items():
-        build_metric(name, dict(mcfg.options)).check()
+    for name in cfg.task.metrics:
+        build_metric(name, metric_options(cfg, name)).check()
+
+
+def ensure_reference_run(cfg: RunConfig, *, progress: bool = True) -> Path | None:
+    """Generate (or complete) the unedited model's run that reference-run metrics compare against."""
+    needs = [n for n in cfg.task.metrics if getattr(METRICS.get(n), "uses_reference_run", False)
+             and cfg.task.metrics[n].options.get("reference_run", "auto") == "auto"]
+    if not needs:
+        return None
+    ref = reference_config(cfg)
+    ref_dir = Path(cfg.run.out) / run_name(ref)
+    if cfg.method.name == "sd" and run_name(cfg) == run_name(ref):
+        return ref_dir                       # this run is its own reference
+    log.info("%s: generating the unedited model's reference run %s", ", ".join(needs), ref_dir)
+    generate(ref, prepare_run_dir(ref), progress=progress)
+    return ref_dir
 
 
 def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
@@ -370,7 +401,7 @@ def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True)
 
     with open(scores_path, "a", encoding="utf-8") as out:
         for name, mcfg in cfg.task.metrics.items():
-            metric = build_metric(name, dict(mcfg.options))
+            metric = build_metric(name, metric_options(cfg, name))
             metric.bind(run_dir)
             mine = [e for e in entries.values() if e["set"] in mcfg.prompt_sets]
             if not mine:

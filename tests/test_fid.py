@@ -277,3 +277,20 @@ def test_fid_in_a_task_fails_before_generation_without_real_images(tmp_path, tin
     assert not (tmp_path / "sd-coco-tiny").exists()                                # nothing was generated
     monkeypatch.setenv("CPEBENCH_COCO", str(tmp_path))
     assert FID().reference_images == str(tmp_path)
+
+
+def test_kid_reference_run_auto_is_generated_by_run(tmp_path, tiny_dir):
+    """`run` resolves reference_run=auto to the unedited model's run and generates it when missing."""
+    from cpebench.cli import main
+    from cpebench.config import resolve_run
+    from cpebench.runner import metric_options
+
+    cfg = resolve_run("cpe", "character", preset="smoke", overrides=[f"run.out={tmp_path}"])
+    assert metric_options(cfg, "kid")["reference_run"] == str(tmp_path / "sd-character-tiny-smoke")
+    assert main(["-q", "run", "--method", "sd", "--task", "character", "--preset", "smoke", "--out", str(tmp_path),
+                 "--name", "edited", "prompt_sets.character.images_per_row=2"]) == 0
+    ref = tmp_path / "sd-character-tiny-smoke"
+    assert (ref / "manifest.jsonl").exists()                          # generated first, same protocol and keys
+    summary = json.loads((tmp_path / "edited" / "summary.json").read_text())
+    kid = summary["metrics"]["kid"]
+    assert kid["info"]["sets"]["character"]["reference_run"] == str(ref) and kid["n"] == 2

@@ -415,13 +415,19 @@ class KID(InceptionMetric):
 
     name = "kid"
     higher_is_better = False
+    uses_reference_run = True    # the runner resolves reference_run=auto to the unedited model's run
     description = "KID×10³ (clean-fid kernel, seeded subsets) against the unedited model's images of the same rows"
 
     def __init__(self, reference_run: str | None = None, inception: str = "auto", device: str = "auto",
                  batch_size: int = 64, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0):
-        self.reference_run = reference_run
+        self.reference_run = None if reference_run == "auto" else reference_run   # auto: resolved by the runner
         self.num_subsets, self.max_subset_size, self.seed = int(num_subsets), int(max_subset_size), seed
         super().__init__(inception, device, batch_size)
+
+    def check(self) -> None:
+        if not self.reference_run:
+            raise ConfigError("metrics.kid.options.reference_run: give the run directory of the unedited model "
+                              "(`cpebench run` resolves `auto` to it and generates it when missing)")
 
     def reset(self) -> None:
         self.feats: dict[str, list[np.ndarray]] = {}
