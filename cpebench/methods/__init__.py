@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Mapping, Sequence
 
+from ..data import sha256_file
 from ..errors import CpebenchError
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -50,7 +51,7 @@ class Artifact:
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"method": self.method})
-        meta = {"method": self.method, **self.metadata, "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}
+        meta = {"method": self.method, **self.metadata, "weights_sha256": sha256_file(tmp / WEIGHTS_FILE)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         if directory.exists():
             shutil.rmtree(directory)
@@ -67,7 +68,7 @@ class Artifact:
             raise CpebenchError(f"{directory} is not a cpebench artifact (needs {META_FILE} and {WEIGHTS_FILE})")
         meta = json.loads(meta_path.read_text())
         recorded = meta.pop("weights_sha256", None)   # file integrity only; not part of the content hash
-        if recorded and recorded != _sha256(weights):
+        if recorded and recorded != sha256_file(weights):
             raise CpebenchError(f"{weights}: sha256 does not match {META_FILE}; the artifact is corrupt")
         method = meta.pop("method")
         return cls(method=method, tensors=load_file(str(weights)), metadata=meta)
@@ -82,14 +83,6 @@ class Artifact:
             h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
         h.update(json.dumps(self.metadata, sort_keys=True, default=str).encode())
         return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def artifact_fingerprint(method: str, method_version: str, concepts: Sequence[Concept], hparams: Mapping,

@@ -119,20 +119,14 @@ def find_inception(spec: str = "auto") -> Path:
     return target
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class InceptionFeatures:
     """Images -> pool features, as clean-fid computes them."""
 
     def __init__(self, spec: str = "auto", device: str = "cpu", batch_size: int = 64):
         self.path = find_inception(spec)
-        self.sha256 = file_sha256(self.path)
+        from ..data import sha256_file
+
+        self.sha256 = sha256_file(self.path)
         self.device = device
         self.batch_size = batch_size
         try:
@@ -274,12 +268,15 @@ class InceptionMetric(Metric):
             self._extractor = InceptionFeatures(self.inception, self.device, self.batch_size)
         return self._extractor
 
+    def chunk_name(self, keys: Sequence[str]) -> str:
+        """Feature file of these image keys under this extractor."""
+        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+        return f"inception-{self.extractor().sha256[:12]}-{digest}.npy"
+
     def features(self, images: Sequence[GeneratedImage], store: Path) -> tuple[str, np.ndarray]:
         """Features of ``images`` written to a chunk in ``store`` (named by the extractor and the keys)."""
-        ext = self.extractor()
-        feats = ext([im.load() for im in images])
-        keys = "\n".join(im.key for im in images)
-        chunk = f"inception-{ext.sha256[:12]}-{hashlib.sha256(keys.encode()).hexdigest()[:16]}.npy"
+        feats = self.extractor()([im.load() for im in images])
+        chunk = self.chunk_name([im.key for im in images])
         store.mkdir(parents=True, exist_ok=True)
         tmp = store / f".{chunk}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
@@ -457,8 +454,7 @@ class KID(InceptionMetric):
             raise DataError(f"{root}: the reference run lacks {len(missing)} of the {len(keys)} images scored here "
                             f"(first: {missing[0]}); generate them with the unedited model and the same protocol")
         ref = [GeneratedImage(root / entries[k]["file"], entries[k]) for k in keys]
-        chunk = f"inception-{self.extractor().sha256[:12]}-{hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]}.npy"
-        cached = root / "features" / chunk
+        cached = root / "features" / self.chunk_name(keys)
         feats = np.load(cached) if cached.exists() else self.features(ref, root / "features")[1]
         method = None
         gen = root / "generation.json"
