@@ -278,11 +278,21 @@ def reference_config(cfg: RunConfig) -> RunConfig:
                                run=dataclasses.replace(cfg.run, name=None, artifact=None))
 
 
+def reference_run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run.out) / run_name(reference_config(cfg))
+
+
+def _auto_reference(cfg: RunConfig, name: str) -> bool:
+    """Metric ``name`` compares with the reference run, which the runner locates (``reference_run: auto``)."""
+    return (getattr(METRICS.get(name), "uses_reference_run", False)
+            and cfg.task.metrics[name].options.get("reference_run", "auto") == "auto")
+
+
 def metric_options(cfg: RunConfig, name: str) -> dict:
     """The metric's options with ``reference_run: auto`` resolved to the reference run's directory."""
     options = dict(cfg.task.metrics[name].options)
-    if getattr(METRICS.get(name), "uses_reference_run", False) and options.get("reference_run", "auto") == "auto":
-        options["reference_run"] = str(Path(cfg.run.out) / run_name(reference_config(cfg)))
+    if _auto_reference(cfg, name):
+        options["reference_run"] = str(reference_run_dir(cfg))
     return options
 
 
@@ -294,15 +304,14 @@ def check_metrics(cfg: RunConfig) -> None:
 
 def ensure_reference_run(cfg: RunConfig, *, progress: bool = True) -> Path | None:
     """Generate (or complete) the unedited model's run that reference-run metrics compare against."""
-    needs = [n for n in cfg.task.metrics if getattr(METRICS.get(n), "uses_reference_run", False)
-             and cfg.task.metrics[n].options.get("reference_run", "auto") == "auto"]
+    needs = [n for n in cfg.task.metrics if _auto_reference(cfg, n)]
     if not needs:
         return None
-    ref = reference_config(cfg)
-    ref_dir = Path(cfg.run.out) / run_name(ref)
-    if cfg.method.name == "sd" and run_name(cfg) == run_name(ref):
+    ref_dir = reference_run_dir(cfg)
+    if cfg.method.name == "sd" and Path(cfg.run.out) / run_name(cfg) == ref_dir:
         return ref_dir                       # this run is its own reference
     log.info("%s: generating the unedited model's reference run %s", ", ".join(needs), ref_dir)
+    ref = reference_config(cfg)
     generate(ref, prepare_run_dir(ref), progress=progress)
     return ref_dir
 
