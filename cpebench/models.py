@@ -206,11 +206,16 @@ def tiny_model_dir(seed: int = 0, kind: str = TINY) -> Path:
     import torch
 
     tag = f"{kind}-seed{seed}-torch{torch.__version__}-diffusers{diffusers.__version__}"
-    path = data.cache_dir() / "models" / tag
-    if not (path / "model_index.json").exists():
+    return build_once(data.cache_dir() / "models" / tag, "model_index.json", lambda d: save_tiny_pipeline(d, seed, kind))
+
+
+def build_once(path: Path, marker: str, build) -> Path:
+    """A cached model folder: ``build(tmp_dir)`` runs only if ``path/marker`` is missing, and the folder
+    appears atomically (a concurrent process that loses the race discards its copy)."""
+    if not (path / marker).exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{kind}-"))
-        save_tiny_pipeline(tmp, seed, kind)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        build(tmp)
         try:
             os.replace(tmp, path)
         except OSError:  # another process won the race

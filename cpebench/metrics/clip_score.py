@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -66,19 +64,10 @@ def tiny_clip_dir(seed: int = 0) -> Path:
     import transformers
 
     from .. import data
+    from ..models import build_once
 
-    path = data.cache_dir() / "models" / f"tiny-clip-seed{seed}-torch{torch.__version__}-transformers{transformers.__version__}"
-    if not (path / "config.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-clip-"))
-        save_tiny_clip(tmp, seed)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    tag = f"tiny-clip-seed{seed}-torch{torch.__version__}-transformers{transformers.__version__}"
+    return build_once(data.cache_dir() / "models" / tag, "config.json", lambda d: save_tiny_clip(d, seed))
 
 
 def resolve_clip(model: str, revision: str | None = None) -> tuple[Path, str | None]:
