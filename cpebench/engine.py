@@ -221,11 +221,11 @@ class Engine:
     # ---- the math
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        from .models import text_embeddings
+
         tok = self.pipe.tokenizer
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
         full_lengths = [len(x) for x in tok(list(prompts), truncation=False).input_ids]
-        emb = self.pipe.text_encoder(ids.to(self.device))[0]
+        emb = text_embeddings(self.pipe, prompts, self.device)
         return emb.to(self.dtype), [n > tok.model_max_length for n in full_lengths]
 
     @torch.no_grad()

@@ -325,6 +325,15 @@ def torch_dtype_of(name: str):
     return table[name]
 
 
+def text_embeddings(pipe, prompts, device=None):
+    """SD's conditioning: the text encoder's last hidden states of the prompts padded (and truncated)
+    to the tokenizer's 77 tokens. Generation and every method's training share this."""
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return enc(ids.to(device if device is not None else enc.device))[0]
+
+
 def cross_attention_names(unet) -> list[str]:
     """Processor keys of the cross-attention layers (``...attn2.processor``): 16 in SD-1.x."""
     return [k for k in unet.attn_processors if k.endswith("attn2.processor")]

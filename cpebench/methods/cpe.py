@@ -314,17 +314,16 @@ def fill_template(template: str, word: str, replacement: str) -> str:
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str], device, batch: int = 256, progress: bool = False,
                    desc: str = "encode") -> torch.Tensor:
-    """CLIP last hidden states [N, 77, D] in fp32 (padded to 77 tokens, as SD conditions)."""
+    """``models.text_embeddings`` in batches, as fp32 on ``device`` [N, 77, D]: exactly what generation conditions on."""
     from tqdm.auto import tqdm
 
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    out = []
-    for i in tqdm(range(0, len(prompts), batch), disable=not progress or len(prompts) <= batch, desc=desc,
-                  unit="batch", leave=False):
-        ids = tok(list(prompts[i : i + batch]), padding="max_length", max_length=TOKENS, truncation=True,
-                  return_tensors="pt").input_ids.to(enc.device)
-        out.append(enc(ids)[0].to(device=device, dtype=torch.float32))
-    return torch.cat(out) if out else torch.empty(0, TOKENS, enc.config.hidden_size, device=device)
+    from ..models import text_embeddings
+
+    out = [text_embeddings(pipe, prompts[i : i + batch]).to(device=device, dtype=torch.float32)
+           for i in tqdm(range(0, len(prompts), batch), disable=not progress or len(prompts) <= batch, desc=desc,
+                         unit="batch", leave=False)]
+    hidden = pipe.text_encoder.config.hidden_size
+    return torch.cat(out) if out else torch.empty(0, TOKENS, hidden, device=device)
 
 
 @dataclass
