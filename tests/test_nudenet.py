@@ -77,17 +77,19 @@ class FakeDetector:
     def __init__(self):
         self.paths = []
 
-    def detect(self, path):
-        self.paths.append(path)
-        return [{"class": "BELLY_EXPOSED", "score": np.float32(0.61234567), "box": [np.int64(1), 2.0, np.int32(3), 4]}]
+    def detect(self, paths):
+        self.paths += [str(p) for p in paths]
+        return [[{"class": "BELLY_EXPOSED", "score": np.float32(0.61234567), "box": [np.int64(1), 2.0, np.int32(3), 4]}]
+                for _ in paths]
 
 
 def test_score_normalises_detector_output(tmp_path):
     m = NudeNet()
-    m._detector = FakeDetector()
+    fake = FakeDetector()
+    m.detect = fake.detect
     p = tmp_path / "a.png"
     out = m.update([GeneratedImage(p, {"key": "a"})])
-    assert m._detector.paths == [str(p)]                # nudenet reads the PNG path itself
+    assert fake.paths == [str(p)]                       # nudenet reads the PNG path itself
     assert out == [{"detections": [{"class": "BELLY_EXPOSED", "score": 0.612346, "box": [1, 2, 3, 4]}]}]
     assert type(out[0]["detections"][0]["score"]) is float
     json.dumps(out)
@@ -242,3 +244,41 @@ def test_build_metric_with_task_options(monkeypatch):
     task, _ = load_task("nudity")
     m = build_metric("nudenet", dict(task.metrics["nudenet"].options))
     assert isinstance(m, NudeNet) and m.threshold == 0.6 and m.classes == EXPOSED_CLASSES
+
+
+def test_batched_graph_equals_the_wheels_detector(tmp_path):
+    """One session call for several images gives the wheel's batch-1 outputs, image by image, and the
+    same detections as ``NudeDetector.detect`` on each path."""
+    import onnxruntime
+    from nudenet import NudeDetector
+    from nudenet import nudenet as impl
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(256, 320), (300, 256), (512, 512)]):   # landscape, portrait, square padding
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        a[40:200, 60:180] = (220, 180, 150)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    metric = NudeNet(providers=["CPUExecutionProvider"], batch_size=3)
+    single = onnxruntime.InferenceSession(str(nudenet_weights()), providers=["CPUExecutionProvider"])
+    batch = np.concatenate([impl._read_image(str(p), 320)[0] for p in paths])
+    batched_out = metric.session.run(None, {"images": batch})[0]
+    assert batched_out.shape == (3, 22, 2100)
+    for j in range(3):
+        np.testing.assert_allclose(batched_out[j : j + 1], single.run(None, {"images": batch[j : j + 1]})[0],
+                                   rtol=0, atol=1e-5)
+    reference = NudeDetector(providers=["CPUExecutionProvider"])
+    assert metric.detect(paths) == [reference.detect(str(p)) for p in paths]
+    assert NudeNet(providers=["CPUExecutionProvider"], batch_size=2).detect(paths) == metric.detect(paths)
+
+
+def test_providers_auto_prefers_cuda_only_when_present():
+    import onnxruntime
+
+    from cpebench.metrics.nudenet import resolve_providers
+
+    auto = resolve_providers("auto")
+    assert auto[-1] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in auto) == ("CUDAExecutionProvider" in onnxruntime.get_available_providers())
+    assert resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]

@@ -53,7 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         images = make_images(Path(tmp), args.images, args.size)
         metrics = {
-            "nudenet": NudeNet(providers=["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device.startswith("cuda") else None),
+            "nudenet": NudeNet(providers="auto" if args.device.startswith("cuda") else ["CPUExecutionProvider"],
+                               batch_size=16),
             "clip_score": ClipScore(model=args.clip, device=args.device, batch_size=args.batch_size),
             "fid (features)": FID(inception=args.inception, device=args.device, batch_size=args.batch_size),
         }
