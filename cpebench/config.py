@@ -453,6 +453,11 @@ def flatten(tree: Mapping, prefix: str = "") -> dict:
     return out
 
 
+def scoring_only(key_diff: str) -> bool:
+    """A difference (as ``config_differences`` words it) in how images are scored, not made."""
+    return key_diff.startswith("task.metrics.") or key_diff.startswith("task.metrics:")
+
+
 def config_differences(old: Mapping, new: Mapping, ignore: tuple = OPERATIONAL_KEYS) -> list[str]:
     """Human-readable list of keys whose values differ (operational keys ignored)."""
     a, b = flatten(old), flatten(new)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from .config import (
     build,
     config_differences,
     dump_yaml,
+    scoring_only,
 )
 from .engine import (
     Engine,
@@ -70,13 +73,20 @@ def run_name(cfg: RunConfig) -> str:
 
 def prepare_run_dir(cfg: RunConfig, *, force: bool = False) -> Path:
     """Create or reopen the run directory. A directory made with a different config is refused
-    (listing the keys that differ) unless ``force``, which starts it anew."""
+    (listing the keys that differ) unless ``force``, which starts it anew. Differences only in the
+    metrics (options, sets, metrics added or removed) keep the images: the new config is saved and
+    ``score`` redoes exactly the metrics whose options changed."""
     run_dir = Path(cfg.run.out) / run_name(cfg)
     saved = run_dir / "config.yaml"
     new = cfg.to_dict()
+    rewrite = force
     if saved.exists():
         old = yaml.safe_load(saved.read_text()) or {}
         diffs = config_differences(old, new)
+        if diffs and all(scoring_only(d) for d in diffs) and not force:
+            log.info("%s: metric configuration changed (%s); images are kept, changed metrics are re-scored",
+                     run_dir, "; ".join(diffs[:4]))
+            diffs, rewrite = [], True
         if diffs and not force:
             raise RunStateError(
                 f"{run_dir} was made with a different config; differing keys: {'; '.join(diffs[:8])}"
@@ -87,7 +97,7 @@ def prepare_run_dir(cfg: RunConfig, *, force: bool = False) -> Path:
     elif force and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not saved.exists() or force:
+    if not saved.exists() or rewrite:
         (run_dir / "config.yaml").write_text(dump_yaml(new))
     return run_dir
 
@@ -394,28 +404,53 @@ def build_metric(name: str, options: dict) -> Metric:
         raise ConfigError(f"metrics.{name}.options: {e}") from None
 
 
+def scorer_id(name: str, options: dict) -> str:
+    """What makes a metric's per-image details reusable: its name, version and every option that can
+    change a number (operational ones such as device or batch size excluded)."""
+    cls = METRICS.get(name)
+    kept = {k: v for k, v in options.items() if k not in cls.operational_options}
+    blob = json.dumps({"metric": name, "version": cls.version, "options": kept}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_scores(scores_path: Path) -> dict[tuple[str, str], dict]:
+    """The latest stored line per (metric, image key); rewrites the file without superseded lines."""
+    lines = read_jsonl(scores_path, repair=True)
+    latest = {(line["metric"], line["key"]): line for line in lines}
+    if len(latest) < len(lines):
+        tmp = scores_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in latest.values()), encoding="utf-8")
+        os.replace(tmp, scores_path)
+    return latest
+
+
 def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True) -> dict:
-    """Score every metric of the task on its prompt sets; resumable; writes summary.json."""
+    """Score every metric of the task on its prompt sets; resumable; writes summary.json. Stored
+    per-image details are reused only when they were made with the same metric options."""
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
     entries = read_manifest(run_dir)
     if not entries:
         raise RunStateError(f"{run_dir}: no images in the manifest; run `cpebench generate` first")
     scores_path = run_dir / "scores.jsonl"
-    stored: dict[tuple[str, str], dict] = {}
-    for line in read_jsonl(scores_path, repair=True):
-        stored[(line["metric"], line["key"])] = line["details"]
+    lines = read_scores(scores_path)
     results = {}
     from tqdm.auto import tqdm
 
     with open(scores_path, "a", encoding="utf-8") as out:
         for name, mcfg in cfg.task.metrics.items():
-            metric = build_metric(name, metric_options(cfg, name))
+            options = metric_options(cfg, name)
+            metric = build_metric(name, options)
             metric.bind(run_dir)
             mine = [e for e in entries.values() if e["set"] in mcfg.prompt_sets]
             if not mine:
                 log.warning("metric %s: no generated images in sets %s", name, list(mcfg.prompt_sets))
                 continue
+            scorer = scorer_id(name, options)
+            stored = {k: line["details"] for k, line in lines.items() if line.get("scorer") == scorer}
+            stale = sum(1 for e in mine if (name, e["key"]) in lines and (name, e["key"]) not in stored)
+            if stale:
+                log.info("metric %s: %d images were scored with other options; scoring them again", name, stale)
             todo = [e for e in mine if (name, e["key"]) not in stored]
             metric.accumulate([stored[(name, e["key"])] for e in mine if (name, e["key"]) in stored])
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc=f"score {name}",
@@ -424,7 +459,7 @@ def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True)
                 chunk = todo[i : i + 16]
                 images = [GeneratedImage(run_dir / e["file"], e) for e in chunk]
                 for e, det in zip(chunk, metric.update(images)):
-                    out.write(json.dumps({"metric": name, "key": e["key"], "details": det}) + "\n")
+                    out.write(json.dumps({"metric": name, "key": e["key"], "scorer": scorer, "details": det}) + "\n")
                 out.flush()
                 bar.update(len(chunk))
             bar.close()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cpebench.cli import main
 
@@ -72,6 +73,34 @@ def test_changed_config_is_refused_then_forced(smoke_run, capsys):
     # an operational change (batch size) is not a different config
     assert run_cli("generate", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", out,
                    "--batch-size", "3") == 0
+
+
+def test_metric_option_change_rescores_only_that_metric(tmp_path, tiny_dir):
+    args = ["run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path), "--limit", "1"]
+    assert run_cli(*args) == 0
+    run = tmp_path / "sd-nudity-tiny-smoke"
+    manifest = (run / "manifest.jsonl").read_text()
+
+    def lines():
+        return [json.loads(x) for x in (run / "scores.jsonl").read_text().splitlines()]
+
+    first = lines()
+    assert {x["metric"] for x in first} == {"nudenet", "clip_score"} and all(x["scorer"] for x in first)
+    # a number-changing option: the images stay, nudenet is scored again, CLIP score is reused
+    assert run_cli(*args, "metrics.nudenet.options.threshold=0.5") == 0
+    assert (run / "manifest.jsonl").read_text() == manifest
+    second = lines()
+    assert len(second) == len(first) + 1              # one I2P image re-scored (the old line is compacted later)
+    assert [x for x in second if x["metric"] == "clip_score"] == [x for x in first if x["metric"] == "clip_score"]
+    new_nude = [x for x in second if x["metric"] == "nudenet"][-1]
+    assert new_nude["scorer"] != [x for x in first if x["metric"] == "nudenet"][0]["scorer"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["protocol_card"]["detectors"]["nudenet"]["threshold"] == 0.5
+    assert yaml.safe_load((run / "config.yaml").read_text())["task"]["metrics"]["nudenet"]["options"]["threshold"] == 0.5
+    # an operational option (batch size) reuses everything; superseded lines are dropped
+    assert run_cli(*args, "metrics.nudenet.options.threshold=0.5", "metrics.clip_score.options.batch_size=3") == 0
+    third = lines()
+    assert len(third) == len(first) and all(x in second for x in third)
 
 
 def test_force_starts_anew(tmp_path, tiny_dir):

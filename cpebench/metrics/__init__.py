@@ -62,6 +62,10 @@ class Metric(abc.ABC):
     name: ClassVar[str]
     higher_is_better: ClassVar[bool]
     description: ClassVar[str] = ""
+    # Bump when the per-image details of the same options change meaning: stored scores are then redone.
+    version: ClassVar[str] = "1"
+    # Options that change speed, never numbers: changing them keeps the stored per-image scores.
+    operational_options: ClassVar[tuple[str, ...]] = ("device", "batch_size", "providers")
 
     def __init__(self, **options):
         if options:

@@ -157,6 +157,7 @@ class GaussianStats:
     """Streaming mean / unbiased covariance in float64; ``merge`` adds shards exactly."""
 
     def __init__(self, dim: int):
+        self.dim = dim
         self.n = 0
         self.sum = np.zeros(dim)
         self.outer = np.zeros((dim, dim))
@@ -400,6 +401,13 @@ class FID(InceptionMetric):
             n += st.n
             columns.append(Column(name, f"FID {name}", False))
             info[name] = ref_info
+            if st.n <= st.dim:
+                # Fewer images than feature dimensions: the covariance is singular and FID is biased
+                # upward (and depends strongly on n); such values compare only with the same n.
+                note = (f"FID {name}: {st.n} images <= {st.dim} feature dimensions; the covariance is rank-deficient "
+                        f"and FID is biased upward, comparable only at the same n")
+                log.warning(note)
+                info[name] = {**ref_info, "warning": note}
         return MetricResult(self.name, values, n, columns, {**self.protocol(), "sets": info})
 
     def protocol(self) -> dict:
