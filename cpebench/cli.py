@@ -1,4 +1,4 @@
-"""``cpebench`` command line: run | erase | generate | score | table | ls | data."""
+"""``cpebench`` command line: run | erase | generate | score | table | leaderboard | report | ls | data."""
 
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def cmd_generate(args, then_score: bool = False) -> int:
         from .report import render
 
         print(render([summary], cfg.task.name, "md"))
+        _write_run_report(run_dir)
     return 0
 
 
@@ -111,21 +112,61 @@ def cmd_score(args) -> int:
     for d in args.run_dirs:
         summary = runner.score(Path(d), progress=not args.quiet)
         print(render([summary], summary["task"], "md"))
+        _write_run_report(Path(d))
     return 0
 
 
+def _write_run_report(run_dir: Path) -> None:
+    """grid.png + report.html after run/score; a failure here only warns (the scores are already saved)."""
+    try:
+        from .grid import write_run_report
+        from .report import resolve_reported
+
+        grid, page = write_run_report(run_dir, reported=resolve_reported("auto"))
+        print(f"report: {page}" + (f" (grid {grid})" if grid else ""), file=sys.stderr)
+    except Exception as e:   # noqa: BLE001 - never lose a scored run to a reporting problem
+        log.warning("could not write the grid/HTML report of %s: %s: %s (scores are saved; retry with "
+                    "`cpebench report %s`)", run_dir, type(e).__name__, e, run_dir)
+
+
 def cmd_table(args) -> int:
-    from .report import find_summaries, render, tasks_in
+    from .report import find_summaries, render, resolve_reported, tasks_in
 
     summaries = find_summaries(args.paths)
-    if not summaries:
+    reported = resolve_reported(args.reported)
+    if not summaries and not (args.task and any(r.task == args.task for r in reported)):
         raise CpebenchError(f"no summary.json under {', '.join(args.paths)}; run `cpebench score RUN_DIR` first")
     tasks = [args.task] if args.task else tasks_in(summaries)
-    text = "\n".join(render(summaries, t, args.format) for t in tasks)
+    link_base = Path(args.output).resolve().parent if args.output else Path.cwd()
+    text = "\n".join(render(summaries, t, args.format, reported, link_base=link_base) for t in tasks)
     if args.output:
-        Path(args.output).write_text(text)
+        Path(args.output).write_text(text, encoding="utf-8")
     else:
         print(text, end="")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from .report import leaderboard, load_reported, reported_path
+
+    path = reported_path(args.reported)
+    written = leaderboard(args.runs_dir, args.out, load_reported(path) if path else [], reported_path=path)
+    for p in written:
+        print(p)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .grid import write_run_report
+    from .report import resolve_reported
+
+    reported = resolve_reported(args.reported)
+    for d in args.run_dirs:
+        grid, page = write_run_report(Path(d), reported=reported, per_set=args.per_set, max_rows=args.max_rows,
+                                      cell=args.cell)
+        print(page)
+        if grid:
+            print(grid)
     return 0
 
 
@@ -210,12 +251,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score run directories (resumable) and write summary.json")
     p.add_argument("run_dirs", nargs="+")
     p.set_defaults(func=cmd_score)
-    p = sub.add_parser("table", help="comparison tables from run summaries")
+    reported_help = ("paper-reported rows (always marked †): a YAML file, 'auto' (results/reported.yaml if present) "
+                     "or 'none'")
+    p = sub.add_parser("table", help="comparison tables from run summaries (+ marked paper-reported rows)")
     p.add_argument("paths", nargs="+", help="run folders or summary.json files")
     p.add_argument("--task")
-    p.add_argument("--format", default="md", choices=["md", "csv"])
+    p.add_argument("--format", default="md", choices=["md", "csv", "latex"],
+                   help="latex: booktabs tabular, best reproduced value per column in bold")
+    p.add_argument("--reported", default="auto", help=reported_help)
     p.add_argument("--output", "-o")
     p.set_defaults(func=cmd_table)
+    p = sub.add_parser("leaderboard", help="regenerate results/<task>.md|csv for every task + results/README.md")
+    p.add_argument("runs_dir", nargs="?", default="runs", help="folder of run directories (default runs/)")
+    p.add_argument("--out", default="results", help="output folder (default results/)")
+    p.add_argument("--reported", default="auto", help=reported_help)
+    p.set_defaults(func=cmd_leaderboard)
+    p = sub.add_parser("report", help="write <run>/grid.png (prompts x methods) and <run>/report.html")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--reported", default="auto", help=reported_help)
+    p.add_argument("--per-set", type=int, default=4, help="prompts per prompt set in the grid (default 4)")
+    p.add_argument("--max-rows", type=int, default=12, help="prompts in the grid in all (default 12)")
+    p.add_argument("--cell", type=int, default=128, help="grid cell size in px (default 128)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("ls", help="list methods | tasks | metrics | prompt-sets | presets")
     p.add_argument("what", choices=["methods", "tasks", "metrics", "prompt-sets", "presets"])
     p.set_defaults(func=cmd_ls)
