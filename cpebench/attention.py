@@ -130,7 +130,7 @@ def swapped_weights(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
             if tuple(new.shape) != tuple(target.shape):
                 raise ValueError(f"{name}: edit has shape {tuple(new.shape)}, model has {tuple(target.shape)}")
             saved[name] = target.data
-            target.data = new.to(device=target.device, dtype=target.dtype)
+            target.data = new.to(device=target.device, dtype=target.dtype, copy=True)   # own, aligned storage: same kernels, same bits
         yield
     finally:
         for name, data in saved.items():

@@ -75,4 +75,6 @@ METHODS: Registry = Registry("method", "cpebench.methods", {"sd": "cpebench.meth
 METRICS: Registry = Registry("metric", "cpebench.metrics", {"nudenet": "cpebench.metrics.nudenet:NudeNet",
                                                              "clip_score": "cpebench.metrics.clip_score:ClipScore",
                                                              "fid": "cpebench.metrics.fid:FID",
-                                                             "kid": "cpebench.metrics.fid:KID"})
+                                                             "kid": "cpebench.metrics.fid:KID",
+                                                             "gcd": "cpebench.metrics.gcd:GCD",
+                                                             "identity": "cpebench.metrics.identity:IdentityConsistency"})
