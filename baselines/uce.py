@@ -1,0 +1,508 @@
+"""UCE — Unified Concept Editing in Diffusion Models (Gandikota et al., WACV 2024).
+
+Spec: shared/specs/esd_uce_rece.md §2 (objective, token handling, defaults) and §6 (checklist).
+Default = the paper code (rohitgandikota/unified-concept-editing@35e91e2, ``train-scripts/train_erase.py``),
+which is also the starting point of RECE. No training: one closed form per projection matrix.
+
+Every ``attn2.to_k`` / ``attn2.to_v`` weight W (32 matrices in SD-1.x, W_old = the weights before the
+edit) is replaced by the minimiser of
+
+    λ‖W − W_old‖² + s_e Σ_i ‖W c_i − v_i*‖² + s_p Σ_j ‖W r_j − W_old r_j‖²
+
+    W_new = (λ W_old + s_e Σ v_i* c_iᵀ + s_p Σ W_old r_j r_jᵀ) (λ I + s_e Σ c_i c_iᵀ + s_p Σ r_j r_jᵀ)⁻¹
+
+with c_i the erase rows, v_i* = W_old g_i the guide rows' outputs (``technique: replace``), r_j the
+preserve rows. Because every target is W_old times a text vector, the numerator is W_old · B with
+B = λI + s_e Σ g_i c_iᵀ + s_p Σ r_j r_jᵀ: the edit is W_new = W_old · T with one D×D matrix
+T = B A⁻¹ shared by all 32 matrices (A = the bracket above). We solve it once, in float64, and cast
+the new weights back to float32. (The official code inverts A in float32 per layer: same math.)
+
+Token rows (``tokens``):
+* ``sequence`` (paper code, default; what RECE starts from): erase text and guide text are aligned
+  from their last word token (index ``attention_mask.sum() − 2``) through EOS and the padding, both
+  cut to the same length 77 − max(idx_erase, idx_guide); every aligned pair is one (c_i, g_i).
+  Preserve texts contribute all 77 rows. The retain list is ``['']`` + preserve concepts (the empty
+  prompt is always preserved), and ``preserve_scale: auto`` = max(0.1, 1 / len(retain list)).
+  A guide of ``''`` is turned into ``' '``, as the official code does (both tokenize to BOS, EOS).
+* ``last`` (HEAD ``uce_sd_erase.py``): one row per text, its last word token (BOS for ``''``). The
+  HEAD defaults are ``preserve_empty: false, preserve_scale: 1``.
+
+Preserve concepts that equal an erased concept (case-insensitive) are dropped, as in the official
+``train_erase.py``; duplicates are dropped too.
+
+Not implemented: ``technique: tensor`` (old code only, not used by any published configuration), the
+``--add_prompts`` expansion (a hyperparameter-free list change: pass the expanded concepts instead)
+and the unseeded ``<N>artists`` sampling (the task gives the concepts).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpebench.attention import swapped_weights
+from cpebench.errors import ConfigError, DataError
+from cpebench.methods import Artifact, Concept, EraseContext, Method
+
+log = logging.getLogger(__name__)
+
+TOKENS = 77
+PROJECTIONS = ("to_k", "to_v")   # the cross-attention projections a weight edit may change
+ENCODE_BATCH = 256
+
+
+# =========================================================================== hyperparameters
+
+
+def _coerce(method: str, key: str, kind: str, value: Any) -> Any:
+    """YAML and the command line give strings for some numbers (``1e-3``) and booleans."""
+    try:
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if kind == "str":
+            if value is None or isinstance(value, (list, tuple, dict, bool)):
+                raise ValueError
+            return str(value)
+        if kind == "tuple":
+            if isinstance(value, str):
+                return (value,)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{method}: hparams.{key} must be {kind}, got {value!r}") from None
+    return value
+
+
+def parse_hparams(cls, d: Mapping[str, Any], method: str):
+    """A frozen Hparams dataclass from a mapping: unknown keys are named, values coerced to the field types."""
+    from cpebench.registry import did_you_mean
+
+    d = dict(d or {})
+    types = {f.name: str(f.type) for f in fields(cls)}
+    unknown = sorted(set(d) - set(types))
+    if unknown:
+        raise ConfigError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}."
+                          + did_you_mean(unknown[0], sorted(types)))
+    hp = cls(**{k: _coerce(method, k, types[k], v) for k, v in d.items()})
+    hp.check(method)
+    return hp
+
+
+def check_projections(projections: Sequence[str], method: str) -> tuple[str, ...]:
+    unknown = [p for p in projections if p not in PROJECTIONS]
+    if unknown or not projections:
+        raise ConfigError(f"{method}: hparams.projections must be a non-empty subset of {list(PROJECTIONS)} "
+                          f"(the attn2 projections a weight edit changes), got {list(projections)}"
+                          + (f"; unknown: {', '.join(map(repr, unknown))}" if unknown else ""))
+    return tuple(p for p in PROJECTIONS if p in projections)
+
+
+def _check_scales(method: str, **values) -> None:
+    for key, v in values.items():
+        if v < 0:
+            raise ConfigError(f"{method}: hparams.{key} must be >= 0, got {v}")
+
+
+def resolve_preserve_scale(value: Any, n_retain: int, method: str, key: str = "preserve_scale") -> float:
+    """``auto`` (or null) = the paper code's max(0.1, 1 / len(retain list))."""
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        return max(0.1, 1.0 / max(n_retain, 1))
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{method}: hparams.{key} must be a number or 'auto', got {value!r}") from None
+    _check_scales(method, **{key: out})
+    return out
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """benchmarks/methods/uce.yaml (per-task values and their sources are there)."""
+
+    guide: Any = " "                   # one text for all concepts, or a list (one per concept); ' ' = unconditional
+    preserve: Any = ()                 # preserve concepts: a list, or {file: <data file>, column: <name>}
+    preserve_empty: bool = True        # the paper code always adds '' to the retain list
+    lamb: float = 0.5                  # λ, hard-coded 0.5 in train_erase.py __main__
+    erase_scale: float = 1.0           # s_e
+    preserve_scale: Any = "auto"       # s_p; auto = max(0.1, 1 / len(retain list))
+    tokens: str = "sequence"           # sequence (paper code) | last (HEAD)
+    technique: str = "replace"         # v* = W_old g (the only technique implemented)
+    projections: tuple = PROJECTIONS   # with_to_k=True: to_k and to_v
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
+        return parse_hparams(cls, d, "uce")
+
+    def check(self, method: str) -> None:
+        check_projections(self.projections, method)
+        _check_scales(method, lamb=self.lamb, erase_scale=self.erase_scale)
+        if self.tokens not in ("sequence", "last"):
+            raise ConfigError(f"{method}: hparams.tokens must be 'sequence' (paper code) or 'last' (HEAD), got {self.tokens!r}")
+        if self.technique != "replace":
+            raise ConfigError(f"{method}: hparams.technique {self.technique!r} is not implemented; only 'replace' "
+                              "(v* = W_old · guide, the erasing default of the paper code)")
+        if not isinstance(self.guide, (str, list, tuple)) or (not isinstance(self.guide, str) and (
+                not self.guide or not all(isinstance(g, str) for g in self.guide))):
+            raise ConfigError(f"{method}: hparams.guide must be a text or a non-empty list of texts, got {self.guide!r}")
+
+
+# =========================================================================== concepts and texts
+
+
+def concept_names(method: str, concepts: Sequence[Concept | str]) -> list[str]:
+    names = [(c.name if isinstance(c, Concept) else str(c)).strip() for c in concepts]
+    if not names:
+        raise ConfigError(f"{method}: no concepts to erase; give the task's concepts or --concepts NAME ...")
+    if any(not n for n in names) or len({n.lower() for n in names}) != len(names):
+        raise ConfigError(f"{method}: concept names must be non-empty and distinct, got {names}")
+    return names
+
+
+def guides_for(method: str, guide: Any, names: Sequence[str], key: str = "guide") -> list[str]:
+    """One guide text per concept. The paper code maps a guide of '' to ' ' (the same tokens)."""
+    guides = [guide] if isinstance(guide, str) else list(guide)
+    if len(guides) == 1:
+        guides = guides * len(names)
+    if len(guides) != len(names):
+        raise ConfigError(f"{method}: hparams.{key} has {len(guides)} texts for {len(names)} concepts "
+                          "(give one for all, or one per concept)")
+    return [g if g != "" else " " for g in guides]
+
+
+def _read_column(path: Path, column: str, source: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if column not in (reader.fieldnames or []):
+            raise DataError(f"{source}: column {column!r} not found (columns: {', '.join(reader.fieldnames or [])})")
+        return [(row[column] or "").strip() for row in reader]
+
+
+def text_list(method: str, spec: Any, key: str, data_dir) -> list[str]:
+    """A list of texts from an hparam: a list, or {file: <cpebench data file>, column: <name>}."""
+    from cpebench import data
+
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [spec.strip()]
+    if isinstance(spec, (list, tuple)):
+        return [str(s).strip() for s in spec]
+    if isinstance(spec, Mapping) and "file" in spec:
+        unknown = sorted(set(spec) - {"file", "column"})
+        if unknown:
+            raise ConfigError(f"{method}: hparams.{key}: unknown key(s) {', '.join(unknown)} (file, column)")
+        path = data.resolve_data_file(spec["file"], data_dir)
+        return _read_column(path, spec.get("column", "prompt"), f"{spec['file']} (hparams.{key})")
+    raise ConfigError(f"{method}: hparams.{key} must be a list of texts or {{file: ..., column: ...}}, got {spec!r}")
+
+
+def preserve_list(method: str, spec: Any, names: Sequence[str], data_dir, key: str = "preserve") -> list[str]:
+    """Preserve concepts in first-seen order, without blanks, duplicates or erased concepts (official rule:
+    ``[text for text in retain_texts if text.lower() not in old_texts_lower]``)."""
+    erased = {n.lower() for n in names}
+    out = [t for t in dict.fromkeys(text_list(method, spec, key, data_dir)) if t and t.lower() not in erased]
+    return out
+
+
+def list_digest(texts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+
+
+# =========================================================================== embeddings
+
+
+def last_token_index(pipe, texts: Sequence[str]) -> torch.Tensor:
+    """Per text, the position of its last word token: ``attention_mask.sum() − 2`` (BOS at 0, EOS after)."""
+    tok = pipe.tokenizer
+    if tok.model_max_length != TOKENS:
+        raise ConfigError(f"the tokenizer pads to {tok.model_max_length} tokens; UCE/RECE expect SD-1.x's {TOKENS}")
+    mask = tok(list(texts), padding="max_length", max_length=TOKENS, truncation=True).attention_mask
+    return torch.tensor([sum(m) - 2 for m in mask])
+
+
+@torch.no_grad()
+def encode(pipe, texts: Sequence[str], device) -> torch.Tensor:
+    """SD's conditioning (``models.text_embeddings``) as float64 [N, 77, D] on ``device``."""
+    from cpebench.models import text_embeddings
+
+    texts = list(texts)
+    hidden = pipe.text_encoder.config.hidden_size
+    if not texts:
+        return torch.empty(0, TOKENS, hidden, dtype=torch.float64, device=device)
+    out = [text_embeddings(pipe, texts[i : i + ENCODE_BATCH]).to(device=device, dtype=torch.float64)
+           for i in range(0, len(texts), ENCODE_BATCH)]
+    return torch.cat(out)
+
+
+def erase_rows(pipe, concepts: Sequence[str], guides: Sequence[str], tokens: str, device):
+    """The aligned (c_i, g_i) rows of the erase set: float64 [n, D] each, and the row count per concept."""
+    texts = list(dict.fromkeys(list(concepts) + list(guides)))
+    slot = {t: i for i, t in enumerate(texts)}
+    emb, last = encode(pipe, texts, device), last_token_index(pipe, texts).tolist()
+    cs, gs, counts = [], [], []
+    for concept, guide in zip(concepts, guides):
+        a, b = last[slot[concept]], last[slot[guide]]
+        e_c, e_g = emb[slot[concept]], emb[slot[guide]]
+        if tokens == "sequence":   # last word token .. EOS .. padding, aligned, equal lengths
+            far = max(a, b)
+            c, g = e_c[a : TOKENS - (far - a)], e_g[b : TOKENS - (far - b)]
+        else:                      # HEAD: the last word token only
+            c, g = e_c[a : a + 1], e_g[b : b + 1]
+        cs.append(c)
+        gs.append(g)
+        counts.append(c.shape[0])
+    return torch.cat(cs), torch.cat(gs), counts
+
+
+@torch.no_grad()
+def preserve_gram(pipe, texts: Sequence[str], tokens: str, device, progress: bool = False,
+                  desc: str = "encode preserve") -> tuple[torch.Tensor, int]:
+    """Σ r rᵀ over the preserve rows (all 77 rows per text, or its last word token), float64 [D, D];
+    encoded in batches so 1,700 artists never sit in memory at once. Returns (gram, number of rows)."""
+    from tqdm.auto import tqdm
+
+    d = pipe.text_encoder.config.hidden_size
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    rows = 0
+    texts = list(texts)
+    for i in tqdm(range(0, len(texts), ENCODE_BATCH), desc=desc, unit="batch", leave=False,
+                  disable=not progress or len(texts) <= ENCODE_BATCH):
+        chunk = texts[i : i + ENCODE_BATCH]
+        emb = encode(pipe, chunk, device)
+        if tokens == "last":
+            emb = emb[torch.arange(len(chunk)), last_token_index(pipe, chunk).to(emb.device)].unsqueeze(1)
+        r = emb.reshape(-1, d)
+        gram += r.T @ r
+        rows += r.shape[0]
+    return gram, rows
+
+
+# =========================================================================== the closed form
+
+
+@dataclass
+class EditTerms:
+    """Sufficient statistics of one closed-form edit (float64 D×D). Row vectors c, g, r as in the spec."""
+
+    cc: torch.Tensor      # Σ_i c_i c_iᵀ     (erase inputs)
+    gc: torch.Tensor      # Σ_i g_i c_iᵀ     (targets are W g_i)
+    gg: torch.Tensor      # Σ_i g_i g_iᵀ     (diagnostics only)
+    rr: torch.Tensor      # Σ_j r_j r_jᵀ     (preserve inputs)
+    n_erase: int = 0
+    n_preserve: int = 0
+
+    @classmethod
+    def from_rows(cls, c: torch.Tensor, g: torch.Tensor, rr: torch.Tensor, n_preserve: int) -> EditTerms:
+        return cls(cc=c.T @ c, gc=g.T @ c, gg=g.T @ g, rr=rr, n_erase=c.shape[0], n_preserve=n_preserve)
+
+
+def closed_form(terms: EditTerms, lamb: float, erase_scale: float, preserve_scale: float,
+                method: str = "uce") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T, A, B) with A = λI + s_e Σcc + s_p Σrr, B = λI + s_e Σgc + s_p Σrr and T = B A⁻¹, so that
+    W_new = W_old · T for every edited matrix (the normal equations W_new A = W_old B)."""
+    d = terms.cc.shape[0]
+    eye = torch.eye(d, dtype=torch.float64, device=terms.cc.device)
+    a = lamb * eye + erase_scale * terms.cc + preserve_scale * terms.rr
+    b = lamb * eye + erase_scale * terms.gc + preserve_scale * terms.rr
+    eig = torch.linalg.eigvalsh(a)                # A is symmetric positive semi-definite
+    if not bool(eig[0] > eig[-1] * d * torch.finfo(torch.float64).eps):
+        raise ConfigError(f"{method}: the closed form's matrix λI + s_e Σcc + s_p Σrr is singular (eigenvalues "
+                          f"{float(eig[0]):.3g} .. {float(eig[-1]):.3g}); use hparams.lamb > 0")
+    t = torch.linalg.solve(a, b.T).T              # (A⁻¹ Bᵀ)ᵀ = B A⁻¹
+    return t, a, b
+
+
+def edit_layers(unet, projections: Sequence[str] = PROJECTIONS) -> list[tuple[str, torch.nn.Linear]]:
+    """The edited Linear layers: ``...attn2.<p>`` for p in projections (SD-1.x: 16 per projection)."""
+    out = []
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(f"attn2.{p}") for p in projections):
+            if module.bias is not None:
+                raise ConfigError(f"{name} has a bias; the UCE closed form is for SD-1.x's bias-free K/V projections")
+            out.append((name, module))
+    if not out:
+        raise ConfigError("the UNet has no attn2.to_k/to_v layers; UCE/RECE need an SD-1.x UNet")
+    return out
+
+
+def read_weights(unet, projections: Sequence[str], device) -> dict[str, torch.Tensor]:
+    """{'<layer>.weight': W} as float64 on ``device``: the tensor names the artifact and swapped_weights use."""
+    return {f"{name}.weight": lin.weight.detach().to(device=device, dtype=torch.float64)
+            for name, lin in edit_layers(unet, projections)}
+
+
+def gram(weights: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Σ_l W_lᵀ W_l (or Σ_l W_lᵀ V_l): a D×D float64 summary of all edited matrices."""
+    other = other if other is not None else weights
+    return sum(w.T @ other[k] for k, w in weights.items())
+
+
+def apply_transform(weights: Mapping[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: w @ t for k, w in weights.items()}
+
+
+def to_storage(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float64 solution → the float32 weights the model (and the artifact) hold."""
+    return {k: w.to(torch.float32) for k, w in weights.items()}
+
+
+def edit_report(terms: EditTerms, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k0: torch.Tensor,
+                erase_scale: float, preserve_scale: float, lamb: float) -> dict:
+    """Summed over every edited matrix (K0 = Σ W_oldᵀ W_old turns D-space sums into K/V-space sums):
+    the erase residual Σ‖W c − W_old g‖² before and after, the preserve change Σ‖(W_new − W_old) r‖²
+    relative to Σ‖W_old r‖², the objective before/after and the normal-equation residual ‖TA − B‖/‖B‖."""
+    tr = lambda m: float(torch.sum(k0 * m))
+    eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
+    before = tr(terms.cc - terms.gc - terms.gc.T + terms.gg)
+    x = t @ terms.cc @ t.T - t @ terms.gc.T - terms.gc @ t.T + terms.gg
+    after = tr(x)
+    dt = t - eye
+    preserve_change = tr(dt @ terms.rr @ dt.T)
+    preserve_norm = tr(terms.rr)
+    closeness = tr(dt @ dt.T)
+    obj_before = erase_scale * before
+    obj_after = lamb * closeness + erase_scale * after + preserve_scale * preserve_change
+    return {
+        "erase_rows": terms.n_erase, "preserve_rows": terms.n_preserve,
+        "erase_residual_before": before, "erase_residual_after": after,
+        "erase_residual_ratio": after / before if before > 0 else 0.0,
+        "preserve_change": preserve_change,
+        "preserve_change_relative": preserve_change / preserve_norm if preserve_norm > 0 else 0.0,
+        "objective_before": obj_before, "objective_after": obj_after,
+        "normal_equation_residual": float(torch.linalg.norm(t @ a - b) / torch.linalg.norm(b)),
+    }
+
+
+@dataclass
+class UCEResult:
+    weights: dict            # float64 solution, '<layer>.weight' -> W_new
+    terms: EditTerms
+    transform: torch.Tensor  # T (W_new = W_old T)
+    a: torch.Tensor
+    b: torch.Tensor
+    guides: list
+    preserve: list           # preserve concepts (without '')
+    preserve_scale: float
+    report: dict
+
+
+def cached_preserve_gram(cache: dict | None, pipe, texts: Sequence[str], tokens: str, device, progress: bool = False,
+                         desc: str = "encode preserve") -> tuple[torch.Tensor, int]:
+    """``preserve_gram`` memoised in ``cache`` (RECE's retain list often equals its UCE stage's)."""
+    key = (tokens, tuple(t if t.strip() else "" for t in texts))   # '' and ' ' have the same tokens
+    if cache is None or key not in cache:
+        value = preserve_gram(pipe, texts, tokens, device, progress=progress, desc=desc)
+        if cache is None:
+            return value
+        cache[key] = value
+    return cache[key]
+
+
+def uce_edit(pipe, names: Sequence[str], hp: Hparams, device, data_dir=None, progress: bool = False,
+             weights: Mapping[str, torch.Tensor] | None = None, method: str = "uce",
+             gram_cache: dict | None = None, k0: torch.Tensor | None = None) -> UCEResult:
+    """The UCE closed form on ``pipe`` (left unchanged). ``weights`` = W_old (default: the pipe's);
+    ``k0`` = Σ W_oldᵀ W_old if the caller has it (diagnostics only)."""
+    guides = guides_for(method, hp.guide, names)
+    preserve = preserve_list(method, hp.preserve, names, data_dir)
+    retain = ([""] if hp.preserve_empty else []) + preserve
+    s_p = resolve_preserve_scale(hp.preserve_scale, len(retain), method)
+    c, g, _ = erase_rows(pipe, names, guides, hp.tokens, device)
+    rr, n_r = cached_preserve_gram(gram_cache, pipe, retain, hp.tokens, device, progress=progress)
+    terms = EditTerms.from_rows(c, g, rr, n_r)
+    t, a, b = closed_form(terms, hp.lamb, hp.erase_scale, s_p, method)
+    w_old = dict(weights) if weights is not None else read_weights(pipe.unet, hp.projections, device)
+    new = apply_transform(w_old, t)
+    report = edit_report(terms, t, a, b, gram(w_old) if k0 is None else k0, hp.erase_scale, s_p, hp.lamb)
+    return UCEResult(new, terms, t, a, b, guides, preserve, s_p, report)
+
+
+# =========================================================================== artifacts
+
+
+def base_kv_sha256(unet) -> str:
+    """Fingerprint of the 32 K/V projections the edit was computed from (an edit of one base model
+    must not be applied to another)."""
+    from cpebench.methods.cpe import base_kv_sha256 as sha
+
+    return sha(unet)
+
+
+def weight_edit(unet, artifact: Artifact, method: str):
+    """Checks, then ``swapped_weights``: inside, the UNet holds the artifact's tensors; on exit its
+    original tensors are back (bit for bit)."""
+    if artifact.method != method:
+        raise ConfigError(f"this is a {artifact.method!r} artifact, not {method!r}")
+    params = dict(unet.named_parameters())
+    for name, tensor in artifact.tensors.items():
+        if name not in params:
+            raise ConfigError(f"{method} artifact edits {name!r}, which this UNet does not have: it was made for "
+                              "another architecture")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ConfigError(f"{method} artifact tensor {name} has shape {tuple(tensor.shape)}, the model's is "
+                              f"{tuple(params[name].shape)}: it was made for another base model")
+    recorded = artifact.metadata.get("base_kv_sha256")
+    if recorded and recorded != base_kv_sha256(unet):
+        raise ConfigError(f"{method} artifact was computed from base model {artifact.metadata.get('base_model', '?')!r}, "
+                          "whose K/V weights differ from the loaded model's; erase again on this model")
+    return swapped_weights(unet, artifact.tensors)
+
+
+def weight_metadata(unet, names: Sequence[str], projections: Sequence[str]) -> dict:
+    return {"concepts": list(names), "layers": [n for n, _ in edit_layers(unet, projections)],
+            "projections": list(projections), "base_kv_sha256": base_kv_sha256(unet)}
+
+
+def _texts_record(texts: Sequence[str]) -> dict:
+    return {"count": len(texts), "sha256": list_digest(texts), "texts": list(texts)}
+
+
+class UCE(Method):
+    name = "uce"
+    version = "1"
+    description = ("Unified Concept Editing (WACV 2024): closed-form edit of the 32 cross-attention K/V projections; "
+                   "defaults = paper code 35e91e2: lamb 0.5, erase 1, preserve auto (max(0.1, 1/|retain|)), '' always "
+                   "preserved, token sequences; artist: guide 'art', the other artists of artists1734 preserved")
+    trains = True    # no training (seconds), but the artifact is cached like a trained one
+
+    def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
+              ctx: EraseContext | None = None) -> Artifact:
+        names = concept_names(self.name, concepts)
+        hp = Hparams.from_dict(hparams)
+        ctx = ctx or EraseContext(device=str(pipe.unet.device))
+        device = torch.device(ctx.device)
+        started = time.perf_counter()
+        res = uce_edit(pipe, names, hp, device, ctx.data_dir, ctx.progress)
+        tensors = {k: v.cpu() for k, v in to_storage(res.weights).items()}
+        meta = weight_metadata(pipe.unet, names, hp.projections)
+        meta["uce"] = {"guides": res.guides, "preserve": _texts_record(res.preserve),
+                       "preserve_empty": hp.preserve_empty, "preserve_scale": res.preserve_scale,
+                       "lamb": hp.lamb, "erase_scale": hp.erase_scale, "tokens": hp.tokens, **res.report}
+        meta["seconds"] = round(time.perf_counter() - started, 3)
+        log.info("uce: %d concepts, %d erase rows, %d preserve texts, %.2f s", len(names), res.terms.n_erase,
+                 len(res.preserve), meta["seconds"])
+        return Artifact(method=self.name, tensors=tensors, metadata=meta)
+
+    def apply(self, pipe, artifact: Artifact):
+        return weight_edit(pipe.unet, artifact, self.name)
