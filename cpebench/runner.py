@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import hashlib
+import json
 import logging
 import os
 import shutil

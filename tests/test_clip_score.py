@@ -95,3 +95,51 @@ def test_summary_scores_on_hand_made_values():
     assert h_o(0.0, 100.0) == 100.0 and h_o(100.0, 0.0) == 0.0 and h_o(50.0, 50.0) == pytest.approx(50.0)
     assert h_o(20.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
     assert h_a(cs_erased=20.5, cs_remained=29.0) == pytest.approx(8.5)
+
+
+# --------------------------------------------------------------------------- open_clip backend
+
+
+def test_open_clip_backend_equals_a_direct_open_clip_computation(tmp_path):
+    """``model: open_clip:<config.json>`` + ``pretrained: <weights file>`` loads through open_clip's own
+    factory; the metric's cosines equal open_clip's embeddings computed by hand."""
+    import json
+
+    import open_clip
+    from PIL import Image
+
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg_path = tmp_path / "tiny-oc.json"
+    cfg_path.write_text(json.dumps(config))
+    open_clip.add_model_config(str(cfg_path))
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-oc")
+    weights = tmp_path / "tiny-oc.pt"
+    torch.save(model.state_dict(), weights)
+
+    metric = ClipScore(model=f"open_clip:{cfg_path}", pretrained=str(weights), device="cpu")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    prompts = ["a red car", "a portrait of a person " * 30, "a bowl of fruit"]     # the long one is truncated
+    got = metric.cosines(images, prompts)
+
+    _, _, preprocess = open_clip.create_model_and_transforms("tiny-oc", pretrained=str(weights))
+    with torch.no_grad():
+        img = model.eval().encode_image(torch.stack([preprocess(im) for im in images]))
+        txt = model.encode_text(open_clip.get_tokenizer("tiny-oc")(prompts))
+    want = torch.nn.functional.cosine_similarity(img, txt, dim=-1).tolist()
+    assert got == pytest.approx(want, abs=1e-6)
+    info = metric.protocol()
+    assert info["id"] == "open_clip:tiny-oc" and info["weights_sha256"] and "open_clip" in info["preprocessing"]
+
+
+def test_open_clip_bad_options_are_clear(tmp_path):
+    from cpebench.errors import ConfigError, ModelLoadError
+
+    with pytest.raises(ConfigError, match="pretrained is for open_clip"):
+        ClipScore(model="tiny", pretrained="openai")
+    with pytest.raises(ModelLoadError, match="not an open_clip model"):
+        ClipScore(model="open_clip:No-Such-Arch", device="cpu").cosines([], [])
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ClipScore(model=f"open_clip:{tmp_path / 'missing.json'}", device="cpu").cosines([], [])

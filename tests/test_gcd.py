@@ -536,6 +536,12 @@ def test_detection_is_batch_invariant(metric):
         [alone] = metric.detector().detect([img])
         assert len(boxes) >= 1 and boxes.shape == alone.shape
         np.testing.assert_allclose(boxes, alone, rtol=1e-5, atol=1e-3)
+    # R/O-Net run every batch_size candidates (bounded memory): a tiny chunk finds the same faces
+    small = gcd.MTCNN(metric.path, batch_size=3)
+    for img, boxes in zip(images, together):
+        [chunked] = small.detect([img])
+        assert chunked.shape == boxes.shape
+        np.testing.assert_allclose(chunked, boxes, rtol=1e-5, atol=1e-3)
 
 
 def test_missing_ground_truth_is_an_error(metric, tmp_path):

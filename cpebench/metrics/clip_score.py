@@ -2,7 +2,10 @@
 
 Model: a transformers CLIP checkpoint by hub id or local directory (default
 ``openai/clip-vit-base-patch32`` with its CLIPProcessor: shortest side 224, bicubic, centre crop),
-or ``tiny`` (a random-weight CLIP with the real tokenizer, for tests and the smoke preset). Text is
+``tiny`` (a random-weight CLIP with the real tokenizer, for tests and the smoke preset), or an
+open_clip model, ``open_clip:<arch>`` (a registered name such as ``ViT-B-32``, or the path of a
+model-config JSON) with option ``pretrained`` (an open_clip tag such as ``openai``, or a local
+weights file) and open_clip's own preprocessing and tokenizer. Text is
 truncated to 77 tokens (v1 Δ: CPE's script silently skips longer prompts). The score is unclipped
 (v1); ``floor_at_zero: true`` gives the 100·max(cos, 0) variant (torchmetrics/RECE), which differs
 only for images whose cosine is negative.
@@ -21,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from . import Column, GeneratedImage, Metric, MetricResult
 from .summary import h_a
 
@@ -79,6 +82,45 @@ def resolve_clip(model: str, revision: str | None = None) -> tuple[Path, str | N
     return resolve_model_dir(model, revision, allow_patterns=HUB_FILES, option="metrics.clip_score.options.model")
 
 
+OPEN_CLIP = "open_clip:"
+
+
+class OpenClipModel:
+    """An open_clip model behind the same two calls the metric needs (image and text embeddings)."""
+
+    def __init__(self, spec: str, pretrained: str | None, device: str):
+        import open_clip
+
+        arch = spec[len(OPEN_CLIP):]
+        if arch.endswith(".json"):               # a model config file: registered under its stem
+            if not Path(arch).is_file():
+                raise ModelLoadError(f"metrics.clip_score.options.model: open_clip config {arch} does not exist")
+            open_clip.add_model_config(arch)
+            arch = Path(arch).stem
+        if arch not in open_clip.list_models():
+            raise ModelLoadError(f"metrics.clip_score.options.model: {arch!r} is not an open_clip model "
+                                 f"(open_clip {open_clip.__version__} knows e.g. ViT-B-32, ViT-L-14)")
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained,
+                                                                                   device=device)
+        except Exception as e:  # noqa: BLE001  (open_clip raises RuntimeError/OSError/hub errors): name the option
+            raise ModelLoadError(f"metrics.clip_score.options.pretrained: open_clip {arch} with pretrained="
+                                 f"{pretrained!r} could not be loaded: {type(e).__name__}: {e}") from None
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.device = device
+        weights = Path(pretrained) if pretrained and Path(pretrained).is_file() else None
+        from ..data import sha256_file
+
+        self.info = {"id": OPEN_CLIP + arch, "pretrained": pretrained, "open_clip": open_clip.__version__,
+                     "weights_sha256": sha256_file(weights) if weights else None}
+
+    def embed(self, images, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        tokens = self.tokenizer(list(prompts)).to(self.device)      # open_clip truncates to 77, keeping EOT
+        return self.model.encode_image(pixels), self.model.encode_text(tokens)
+
+
 def load_clip(model: str, revision: str | None = None, device: str = "cpu"):
     """(CLIPModel, CLIPProcessor, info) from ``tiny``, a local directory or a hub id (cache first)."""
     from transformers import CLIPModel, CLIPProcessor
@@ -101,8 +143,12 @@ class ClipScore(Metric):
     description = "CLIP score 100·cos(image, prompt) per prompt set (CS_e on erased sets, CS_r / CS elsewhere); H_a"
 
     def __init__(self, model: str = DEFAULT_MODEL, revision: str | None = None, batch_size: int = 64,
-                 device: str = "auto", floor_at_zero: bool = False):
+                 device: str = "auto", floor_at_zero: bool = False, pretrained: str | None = None):
         self.model_id, self.revision = model, revision
+        self.pretrained = pretrained
+        if pretrained is not None and not model.startswith(OPEN_CLIP):
+            raise ConfigError("metrics.clip_score.options.pretrained is for open_clip models (model: open_clip:<arch>); "
+                              f"{model!r} is a transformers CLIP")
         self.batch_size = int(batch_size)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.floor_at_zero = bool(floor_at_zero)
@@ -114,13 +160,20 @@ class ClipScore(Metric):
 
     def _load(self):
         if self._clip is None:
-            self._clip, self._processor, self._info = load_clip(self.model_id, self.revision, self.device)
+            if self.model_id.startswith(OPEN_CLIP):
+                self._clip = OpenClipModel(self.model_id, self.pretrained, self.device)
+                self._processor, self._info = None, self._clip.info
+            else:
+                self._clip, self._processor, self._info = load_clip(self.model_id, self.revision, self.device)
         return self._clip, self._processor
 
     @torch.no_grad()
     def cosines(self, images, prompts: Sequence[str]) -> list[float]:
         """cos of the projected, normalised embeddings (what CLIP's logits_per_image divides by its scale)."""
         clip, processor = self._load()
+        if isinstance(clip, OpenClipModel):
+            img, txt = clip.embed(images, prompts)
+            return torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1).tolist()
         pixels = processor.image_processor(images=list(images), return_tensors="pt").pixel_values.to(self.device)
         text = processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
         img = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
@@ -169,9 +222,14 @@ class ClipScore(Metric):
         return MetricResult(self.name, values, n, columns, self.protocol())
 
     def protocol(self) -> dict:
-        if not hasattr(self, "_info"):   # re-scored from stored details: same card without loading weights
-            self._info = {"id": self.model_id, "revision": resolve_clip(self.model_id, self.revision)[1]}
+        if not hasattr(self, "_info"):   # re-scored from stored details: the card needs the model's identity
+            if self.model_id.startswith(OPEN_CLIP):
+                self._load()
+            else:
+                self._info = {"id": self.model_id, "revision": resolve_clip(self.model_id, self.revision)[1]}
         info = dict(self._info)
         info.update({"score": "100*max(cos,0)" if self.floor_at_zero else "100*cos (unclipped)",
-                     "text": "truncated to 77 tokens", "preprocessing": "the model's CLIPProcessor"})
+                     "text": "truncated to 77 tokens",
+                     "preprocessing": "open_clip's transform" if self.model_id.startswith(OPEN_CLIP)
+                     else "the model's CLIPProcessor"})
         return info

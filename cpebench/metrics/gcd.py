@@ -463,8 +463,9 @@ class MTCNN:
             candidates.append(boxes)
 
         def refine(kind: str, size: int, boxes_per_image: list[np.ndarray]):
-            """R/O-Net on every candidate's zero-padded pixels resampled to size² (float64 INTER_AREA)."""
-            crops, owner, kept = [], [], []
+            """R/O-Net on every candidate's zero-padded pixels resampled to size² (float64 INTER_AREA),
+            run every ``batch_size`` crops so memory stays bounded however many candidates there are."""
+            crops, owner, kept, parts = [], [], [], []
             for i, boxes in enumerate(boxes_per_image):
                 ok = []
                 for k, box in enumerate(boxes):
@@ -473,10 +474,15 @@ class MTCNN:
                         crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
                         owner.append(i)
                         ok.append(k)
+                    if len(crops) == self.batch_size:
+                        parts.append(self.run(kind, _normalise(np.stack(crops))))
+                        crops = []
                 kept.append(np.asarray(ok, dtype=np.int64))
-            if not crops:
+            if crops:
+                parts.append(self.run(kind, _normalise(np.stack(crops))))
+            if not parts:
                 return [None] * len(boxes_per_image), kept
-            outs = self.run(kind, _normalise(np.stack(crops)))
+            outs = [np.concatenate(o) for o in zip(*parts)]
             owner = np.asarray(owner)
             return [[o[owner == i] for o in outs] for i in range(len(boxes_per_image))], kept
 
