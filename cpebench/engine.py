@@ -126,6 +126,29 @@ def atomic_write(path: Path, payload: bytes) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temp_files(run_dir: Path) -> int:
+    """Delete the half-written ``.<name>.tmp<pid>`` files of writers that are gone (a killed run);
+    a live process's file (another rank on this machine) is left alone."""
+    removed = 0
+    for tmp in Path(run_dir).glob("images/**/.*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -273,6 +296,8 @@ class Engine:
         manifest = run_dir / (MANIFEST if count == 1 else f"manifest.shard-{index:03d}-of-{count:03d}.jsonl")
         for p in manifest_paths(run_dir):
             read_jsonl(p, repair=True)
+        if remove_stale_temp_files(run_dir):
+            log.info("%s: removed half-written images of an interrupted run", run_dir)
         entries = read_manifest(run_dir) if resume else {}
         done = completed(run_dir, entries) if resume else set()
         batches = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]

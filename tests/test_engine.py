@@ -1,5 +1,6 @@
 """Engine: per-row determinism, per-row knobs, NaN handling, resumability, sharding."""
 
+import os
 import json
 
 import numpy as np
@@ -182,3 +183,20 @@ def test_engine_matches_diffusers_pipeline(tiny, scheduler):
     ref = (ref * 255).round().astype(np.uint8)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
     assert (ours == ref).mean() > 0.99
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from cpebench.engine import remove_stale_temp_files
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "images" / "s"
+    folder.mkdir(parents=True)
+    (folder / f".0_0.png.tmp{dead.pid}").write_bytes(b"half")        # a killed run's leftover
+    (folder / f".1_0.png.tmp{os.getppid()}").write_bytes(b"busy")     # a live writer (another rank)
+    (folder / "2_0.png").write_bytes(b"done")
+    assert remove_stale_temp_files(tmp_path) == 1
+    assert sorted(p.name for p in folder.iterdir()) == [f".1_0.png.tmp{os.getppid()}", "2_0.png"]
