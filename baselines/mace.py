@@ -929,6 +929,8 @@ class MACE(Method):
         pres, pres_record = preservation(pipe, hp, names, device, ctx.data_dir, cache_dir())
         terms = stage1_terms(pipe, names, maps, hp, device)
         w1, _a1, _b1 = stage1(w0, terms, pres, hp.lamb, hp.preserve_sigma1())
+        stage_seconds = {"caches_and_stage1": time.perf_counter() - started}
+        mark = time.perf_counter()
         sums = FusionSums(terms.cc.shape[0], device)
         data_info, losses = {}, {}
         for i, n in enumerate(names):
@@ -947,7 +949,10 @@ class MACE(Method):
             sums.add(prompt_gram(pipe, prompts_for(hp, n), device)[0], delta)
             data_info[n] = info
             losses[n] = {"first": loss[0] if loss else None, "last": loss[-1] if loss else None}
+        stage_seconds["stage2_data_and_loras"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         w2 = stage3_from_sums(w0, w1, sums, pres, hp.lamb, hp.fuse_preserve_scale)
+        stage_seconds["stage3_fusion"] = time.perf_counter() - mark
         meta = weight_metadata(pipe.unet, names, PROJECTIONS)
         meta["mace"] = {
             "label": "MACE (cpebench reconstruction)", "mappings": maps, "concept_type": hp.concept_type,
@@ -957,6 +962,7 @@ class MACE(Method):
             "stage2_loss": losses, "templates_sha256": hashlib.sha256("\n".join(hp.template_list()).encode()).hexdigest(),
         }
         meta["seconds"] = round(time.perf_counter() - started, 3)
+        meta["stage_seconds"] = {k: round(v, 3) for k, v in stage_seconds.items()}
         return Artifact(method=self.name, tensors=to_fp32(w2), metadata=meta)
 
     def apply(self, pipe, artifact: Artifact):

@@ -112,6 +112,8 @@ def main() -> int:
                 epochs = meta["rece"]["epochs"]
                 detail = (f"UCE stage {meta['uce']['seconds']:.2f} s; {len(epochs)} epoch(s) "
                           f"{sum(e['seconds'] for e in epochs):.2f} s")
+            elif "mace" in meta:
+                detail = "; ".join(f"{k} {v:.2f} s" for k, v in meta["stage_seconds"].items())
             elif "uce" in meta:
                 detail = f"{meta['uce']['erase_rows']} erase rows, {meta['uce']['preserve']['count']} preserve texts"
             n_tensors = len(artifact.tensors)
