@@ -57,7 +57,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
-from cpebench.methods import Artifact, Concept, EraseContext, Method
+from cpebench.methods import Artifact, Concept, EraseContext, Method, hparams_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -171,37 +171,7 @@ class Hparams:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], method: str, default_train_method: str,
                   allowed: Sequence[str]) -> Hparams:
-        from cpebench.registry import did_you_mean
-
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}." + did_you_mean(unknown[0], known))
-        types = {f.name: str(f.type) for f in fields(cls)}
-        values: dict[str, Any] = {"train_method": default_train_method}
-        for key, value in d.items():
-            kind = types[key].split("|")[0].strip()
-            try:
-                if value is None and "None" in types[key]:
-                    pass
-                elif kind == "bool":
-                    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                        value = value.lower() in ("true", "1", "yes")
-                    elif not isinstance(value, bool):
-                        raise ValueError(value)
-                elif kind == "int":
-                    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                        raise ValueError(value)
-                    value = int(value)
-                elif kind == "float":
-                    if isinstance(value, bool):
-                        raise ValueError(value)
-                    value = float(value)     # YAML reads 1e-5 (no dot) as a string
-                else:
-                    value = str(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{method}: hparams.{key} must be {kind}, got {value!r}") from None
-            values[key] = value
+        values = {"train_method": default_train_method, **hparams_from_dict(cls, d, method)}
         hp = cls(**values)
         if hp.train_method not in allowed:
             others = {"esd-x": "esd-u", "esd-u": "esd-x"}

@@ -53,7 +53,6 @@ import torch.nn.functional as F
 
 from baselines.uce import (
     TOKENS,
-    _coerce,
     concept_names,
     encode,
     parse_hparams,
@@ -65,7 +64,7 @@ from baselines.uce import (
 )
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, DataError
-from cpebench.methods import Artifact, Concept, EraseContext, Method
+from cpebench.methods import Artifact, Concept, EraseContext, Method, hparam_value
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ class Hparams:
         d = dict(d or {})
         for key in ("max_prior_prompts", "max_domain_names"):
             if d.get(key) is not None:
-                d[key] = _coerce("mace", key, "int", d[key])
+                d[key] = hparam_value("mace", key, "int", d[key])
         return parse_hparams(cls, d, "mace")
 
     def check(self, method: str) -> None:

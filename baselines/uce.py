@@ -42,7 +42,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ import torch
 
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, DataError
-from cpebench.methods import Artifact, Concept, EraseContext, Method
+from cpebench.methods import Artifact, Concept, EraseContext, Method, hparams_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -62,49 +62,9 @@ ENCODE_BATCH = 256
 # =========================================================================== hyperparameters
 
 
-def _coerce(method: str, key: str, kind: str, value: Any) -> Any:
-    """YAML and the command line give strings for some numbers (``1e-3``) and booleans."""
-    try:
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            raise ValueError
-        if kind == "str":
-            if value is None or isinstance(value, (list, tuple, dict, bool)):
-                raise ValueError
-            return str(value)
-        if kind == "tuple":
-            if isinstance(value, str):
-                return (value,)
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            return tuple(str(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{method}: hparams.{key} must be {kind}, got {value!r}") from None
-    return value
-
-
 def parse_hparams(cls, d: Mapping[str, Any], method: str):
-    """A frozen Hparams dataclass from a mapping: unknown keys are named, values coerced to the field types."""
-    from cpebench.registry import did_you_mean
-
-    d = dict(d or {})
-    types = {f.name: str(f.type) for f in fields(cls)}
-    unknown = sorted(set(d) - set(types))
-    if unknown:
-        raise ConfigError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}."
-                          + did_you_mean(unknown[0], sorted(types)))
-    hp = cls(**{k: _coerce(method, k, types[k], v) for k, v in d.items()})
+    """A frozen Hparams dataclass from a mapping (unknown keys named, values typed), then checked."""
+    hp = cls(**hparams_from_dict(cls, d, method))
     hp.check(method)
     return hp
 

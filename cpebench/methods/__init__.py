@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Mapping, Sequence
 
 from ..data import sha256_file
-from ..errors import CpebenchError
+from ..errors import ConfigError, CpebenchError
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "artifact.json"
@@ -127,6 +127,59 @@ class Method(abc.ABC):
         if artifact.method != self.name:
             raise CpebenchError(f"{path} is a {artifact.method!r} artifact, not {self.name!r}")
         return artifact
+
+
+def hparam_value(method: str, key: str, kind: str, value: Any) -> Any:
+    """One hyperparameter coerced to its field's annotation (``int``, ``float``, ``bool``, ``str``,
+    ``tuple``; ``X | None`` also takes null; anything else is kept as given). YAML and the command
+    line give strings for some numbers (``1e-3``) and booleans."""
+    if value is None and "None" in kind:
+        return None
+    kind = kind.split("|")[0].strip()
+    try:
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if kind == "str":
+            if value is None or isinstance(value, (list, tuple, dict, bool)):
+                raise ValueError
+            return str(value)
+        if kind == "tuple":
+            if isinstance(value, str):
+                return (value,)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{method}: hparams.{key} must be {kind}, got {value!r}") from None
+    return value
+
+
+def hparams_from_dict(cls, d: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
+    """Field values for the Hparams dataclass ``cls`` from a mapping: unknown keys are named (with the
+    nearest known one), values coerced to the field annotations by ``hparam_value``."""
+    from dataclasses import fields
+
+    from ..registry import did_you_mean
+
+    d = dict(d or {})
+    types = {f.name: str(f.type) for f in fields(cls)}
+    unknown = sorted(set(d) - set(types))
+    if unknown:
+        raise ConfigError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}."
+                          + did_you_mean(unknown[0], sorted(types)))
+    return {k: hparam_value(method, k, types[k], v) for k, v in d.items()}
 
 
 class NoEdit(contextlib.AbstractContextManager):

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..attention import KVEdit, kv_edit
 from ..errors import ConfigError, CpebenchError, DataError
-from . import Artifact, Concept, EraseContext, Method
+from . import Artifact, Concept, EraseContext, Method, hparams_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -435,29 +435,7 @@ class Hparams:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        from dataclasses import fields
-
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            from ..registry import did_you_mean
-
-            raise ConfigError(f"cpe: unknown hyperparameter(s) {', '.join(unknown)}"
-                              + did_you_mean(unknown[0], sorted(known)))
-        types = {f.name: f.type for f in fields(cls)}
-        values = {}
-        for key, value in d.items():   # YAML reads 1.0e4 as a string; the CLI passes strings too
-            kind = types[key]
-            try:
-                if kind == "bool" and isinstance(value, str):
-                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError(value)
-                    value = value.lower() in ("true", "1", "yes")
-                elif kind in ("int", "float", "str"):
-                    value = {"int": int, "float": float, "str": str}[kind](value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"cpe: hparams.{key} must be {kind}, got {value!r}") from None
-            values[key] = value
+        values = hparams_from_dict(cls, d, "cpe")
         hp = cls(**values)
         if hp.loss not in ("gram", "direct"):
             raise ConfigError(f"cpe: hparams.loss must be gram or direct, got {hp.loss!r}")
