@@ -41,6 +41,18 @@ def tiny(tiny_dir):
     return load_pipeline("tiny")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny UNet is launch-bound: on a shared 2-core machine one thread is several times faster
+    than oversubscribed ones. Modules that train on it use this for all their tests."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():

@@ -17,13 +17,7 @@ from cpebench.methods import Artifact, Concept, EraseContext
 FAST = {"iterations": 3, "ddim_steps": 6}     # a short schedule: t_enc in 0..5, at most 5 DDIM steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny UNet is launch-bound: one thread is several times faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ FAST = {"max_train_steps": 3, "n_images": 2, "resolution": 64, "data_steps": 2, 
             "prior_cache_scale": 1.0, "mapping": "a person"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two shared cores: oversubscribed threads make the tiny UNet 100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
