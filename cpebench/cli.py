@@ -24,7 +24,7 @@ def _add_run_args(p: argparse.ArgumentParser, task_required: bool = True) -> Non
     p.add_argument("--preset", help="preset (cpebench ls presets), e.g. smoke")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (cpu forces a full-size run on CPU)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=_batch_size, help="images per batch, or auto (from free GPU memory)")
     p.add_argument("--limit", type=int, help="first N rows of every prompt set")
     p.add_argument("--sets", help="comma-separated prompt sets to generate (default: those the metrics use)")
     p.add_argument("--out", help="runs folder (default runs/)")
@@ -33,6 +33,15 @@ def _add_run_args(p: argparse.ArgumentParser, task_required: bool = True) -> Non
     p.add_argument("--force", action="store_true", help="start an existing run directory anew")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. protocol.steps=25 run.batch_size=4 hparams.lr=1e-5 metrics=nudenet")
+
+
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive integer or auto") from None
 
 
 def _resolve(args):
@@ -58,7 +67,14 @@ def cmd_generate(args, then_score: bool = False) -> int:
         runner.check_metrics(cfg)
     run_dir = runner.prepare_run_dir(cfg, force=args.force)
     print(f"run directory: {run_dir}", file=sys.stderr)
-    stats = runner.generate(cfg, run_dir, progress=not args.quiet)
+    scorer = None
+    if then_score and cfg.run.overlap_scoring and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        scorer = runner.BackgroundScorer.for_run(run_dir, cfg)
+    try:
+        stats = runner.generate(cfg, run_dir, progress=not args.quiet, on_written=scorer)
+    finally:
+        if scorer is not None:
+            scorer.close()
     print(f"generated {stats.get('generated', 0)} images, {stats.get('skipped', 0)} already done, "
           f"{stats.get('flagged', 0)} flagged (NaN/black)", file=sys.stderr)
     if then_score and int(os.environ.get("RANK", "0")) == 0:   # one scorer when sharded
@@ -90,7 +106,8 @@ def cmd_erase(args) -> int:
             runner.check_task_concepts(cfg, args.concepts)
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(args.concepts), concepts_from=None))
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if _cuda() else "cpu")
-    loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device)
+    loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device,
+                           vae_dtype=cfg.protocol.vae_dtype)
     artifact, path = runner.erase(cfg, loaded, progress=not args.quiet)
     if args.save:
         path = artifact.save(args.save)

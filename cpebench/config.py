@@ -36,7 +36,9 @@ class ProtocolConfig:
     eta: float = 0.0                              # DDIM only
     height: int = 512
     width: int = 512
-    dtype: str = "fp32"                           # fp32 | fp16 | bf16
+    dtype: str = "fp32"                           # fp32 | fp16 | bf16: UNet and text encoder
+    vae_dtype: str | None = None                  # the VAE's own precision; None = dtype
+    tf32: bool = False                            # TF32 matmuls and convolutions on CUDA (False: strict fp32)
     rng: str = "cpu"                              # cpu: one CPU generator per row (v1) | cuda_default (CPE's code)
 
 
@@ -88,7 +90,11 @@ class RunOptions:
     out: str = "runs"
     name: str | None = None
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    batch_size: int = 8
+    batch_size: int | str = 8        # images per batch, or auto (from free GPU memory)
+    compile: str = "none"            # none | regional (the repeated blocks) | full (the whole UNet): torch.compile
+    cuda_graphs: bool = False        # replay each compiled region as a CUDA graph (torch.compile reduce-overhead)
+    channels_last: str = "auto"      # auto (on with CUDA) | on | off: NHWC convolutions
+    overlap_scoring: bool = True     # score finished images while the next batches generate (single process)
     limit: int | None = None         # first N rows of every prompt set
     prompts: str = "full"            # full | smoke (the task's smoke_rows)
     sets: tuple = ()                 # prompt sets to generate; () = those the task's metrics use
@@ -129,7 +135,8 @@ class RunConfig:
 
 
 # Keys of RunConfig.to_dict() that may differ between two invocations of the same run.
-OPERATIONAL_KEYS = ("run.batch_size", "run.out", "run.name", "run.png_compress_level", "run.data_dir", "run.sets")
+OPERATIONAL_KEYS = ("run.batch_size", "run.out", "run.name", "run.png_compress_level", "run.data_dir", "run.sets",
+                    "run.compile", "run.cuda_graphs", "run.channels_last", "run.overlap_scoring")
 
 # --------------------------------------------------------------------------- paths
 
@@ -240,6 +247,8 @@ def _coerce(value: Any, f: dataclasses.Field, source: str, key: str) -> Any:
     try:
         if base in ("int", "float") and isinstance(value, bool):
             raise ValueError
+        if base == "int" and "str" in t and isinstance(value, str):
+            return value                 # int | str fields take a keyword (checked by their section's check)
         if base == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -413,10 +422,33 @@ def resolve_run(
     if task_cfg.concepts_from and task_cfg.concepts_from not in task_cfg.prompt_sets:
         raise ConfigError(f"task {task_cfg.name!r}: concepts_from names no prompt set "
                           f"({task_cfg.concepts_from!r}).{did_you_mean(task_cfg.concepts_from, task_cfg.prompt_sets)}")
+    check_engine_settings(protocol_cfg, run_cfg)
     for s in run_cfg.sets:
         if s not in task_cfg.prompt_sets:
             raise ConfigError(f"run.sets: task {task_cfg.name!r} has no prompt set {s!r}.{did_you_mean(s, task_cfg.prompt_sets)}")
     return RunConfig(task=task_cfg, method=method_cfg, protocol=protocol_cfg, run=run_cfg, preset=preset)
+
+
+DTYPES = ("fp32", "fp16", "bf16")
+COMPILE_MODES = ("none", "regional", "full")
+
+
+def check_engine_settings(protocol: ProtocolConfig, run: RunOptions) -> None:
+    """The precision and speed knobs, each error naming its key."""
+    def one_of(key: str, value, allowed) -> None:
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+    one_of("protocol.dtype", protocol.dtype, DTYPES)
+    if protocol.vae_dtype is not None:
+        one_of("protocol.vae_dtype", protocol.vae_dtype, DTYPES)
+    one_of("run.compile", run.compile, COMPILE_MODES)
+    one_of("run.channels_last", run.channels_last, ("auto", "on", "off"))
+    b = run.batch_size
+    if not (b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1)):
+        raise ConfigError(f"run.batch_size: {b!r} must be a positive integer or auto")
+    if run.cuda_graphs and run.compile == "none":
+        raise ConfigError("run.cuda_graphs: CUDA graphs are captured by torch.compile; set run.compile to regional or full")
 
 
 def _metrics_override(value: Any, task: TaskConfig) -> dict:

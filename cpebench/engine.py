@@ -223,15 +223,40 @@ def completed(run_dir: Path, entries: dict[str, dict], verify: bool = True) -> s
 # --------------------------------------------------------------------------- engine
 
 
-class Engine:
-    """One loaded pipeline; generates WorkItems into a run directory."""
+# Module classes compiled by ``compile: regional``: the blocks repeated through the UNet and the VAE
+# decoder. Every instance of a class shares one compiled code object (one graph per distinct shape).
+REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+MAX_IN_FLIGHT = 2         # batches enqueued on the device ahead of the one being written out
 
-    def __init__(self, pipe, protocol: ProtocolConfig, *, device: str | torch.device = "cpu", batch_size: int = 8,
-                 png_compress_level: int = 6, progress: bool = True, writer_threads: int = 4):
+
+@dataclass
+class InFlight:
+    """A batch enqueued on the device; ``Engine.finish`` waits for it and brings its pixels home."""
+
+    items: list
+    pixels: torch.Tensor        # uint8 [B,H,W,3]: host (pinned) memory once ``ready`` has fired
+    nan: torch.Tensor           # bool [B]: some pixel of the decoded image was NaN
+    truncated: list[bool]
+    ready: object | None        # torch.cuda.Event, None on CPU (already computed)
+
+
+class Engine:
+    """One loaded pipeline; generates WorkItems into a run directory.
+
+    Speed knobs (``compile``, ``cuda_graphs``, ``channels_last``, ``batch_size="auto"``) are operational:
+    they do not change what is computed, only how. Precision (``protocol.dtype``, ``vae_dtype``,
+    ``tf32``) is part of the protocol. ``compile_backend`` is for tests (e.g. "eager")."""
+
+    def __init__(self, pipe, protocol: ProtocolConfig, *, device: str | torch.device = "cpu",
+                 batch_size: int | str = 8, png_compress_level: int = 6, progress: bool = True,
+                 writer_threads: int = 4, compile: str = "none", cuda_graphs: bool = False,
+                 channels_last: str = "auto", compile_backend: str = "inductor"):
         self.pipe = pipe
         self.protocol = protocol
         self.device = torch.device(device)
-        self.batch_size = max(1, int(batch_size))
+        if batch_size != "auto" and (isinstance(batch_size, bool) or int(batch_size) < 1):
+            raise ConfigError(f"run.batch_size: {batch_size!r} must be a positive integer or auto")
+        self.batch_size = batch_size if batch_size == "auto" else int(batch_size)
         self.png_compress_level = png_compress_level
         self.progress = progress
         self.writer_threads = writer_threads
@@ -240,6 +265,30 @@ class Engine:
         if protocol.height % self.vae_factor or protocol.width % self.vae_factor:
             raise ConfigError(f"protocol.height/width must be multiples of {self.vae_factor}")
         make_scheduler(protocol.scheduler, pipe.scheduler.config)  # fail early on a bad name
+        self.cuda = self.device.type == "cuda"
+        self.compile, self.cuda_graphs = compile, bool(cuda_graphs)
+        if compile not in ("none", "regional", "full"):
+            raise ConfigError(f"run.compile: {compile!r} is not one of none, regional, full")
+        if self.cuda_graphs and compile == "none":
+            raise ConfigError("run.cuda_graphs: CUDA graphs are captured by torch.compile; set run.compile")
+        if channels_last not in ("auto", "on", "off"):
+            raise ConfigError(f"run.channels_last: {channels_last!r} is not one of auto, on, off")
+        self.channels_last = channels_last == "on" or (channels_last == "auto" and self.cuda)
+        self.tf32 = set_tf32(bool(getattr(protocol, "tf32", False))) if self.cuda else None
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for m in (pipe.unet, pipe.vae):
+            m.to(memory_format=memory_format)
+        compile_model(pipe, compile, mode="reduce-overhead" if self.cuda_graphs else None, backend=compile_backend)
+
+    def settings(self) -> dict:
+        """How images are computed, for generation.json (precision is in the protocol)."""
+        return {
+            "batch_size": self.batch_size, "compile": self.compile, "cuda_graphs": self.cuda_graphs,
+            "channels_last": self.channels_last, "tf32": self.tf32, "unet_dtype": str(self.dtype),
+            "vae_dtype": str(self.pipe.vae.dtype), "latents_dtype": "torch.float32",
+            "last_batch_padded": self.compile != "none", "max_batches_in_flight": MAX_IN_FLIGHT,
+            "sdpa_backends": sdpa_backends() if self.cuda else None,
+        }
 
     # ---- the math
     @torch.no_grad()
@@ -254,41 +303,76 @@ class Engine:
     @torch.no_grad()
     def denoise(self, items: Sequence[WorkItem]) -> tuple[np.ndarray, list[list[str]], list[bool]]:
         """Generate one batch: uint8 images [B,H,W,3], per-image flags, per-image truncation."""
+        from .attention import fixed_cross_kv
+
+        with fixed_cross_kv(self.pipe.unet) as set_context:
+            return self.finish(self.launch(items, set_context))
+
+    @torch.no_grad()
+    def launch(self, items: Sequence[WorkItem], set_context=None) -> InFlight:
+        """Enqueue one batch on the device (noise, text encoding, denoising, VAE decode, conversion to
+        uint8) without waiting for it, so the host prepares the next batch while the device computes.
+        ``set_context`` (from ``attention.fixed_cross_kv``) fixes the cross-attention K/V once per batch."""
         p = self.protocol
         shape = (self.pipe.unet.config.in_channels, p.height // self.vae_factor, p.width // self.vae_factor)
         noise = torch.stack([initial_noise(it, shape, p.rng, self.device) for it in items])
         scheduler = make_scheduler(p.scheduler, self.pipe.scheduler.config)
         scheduler.set_timesteps(p.steps, device=self.device)
-        latents = (noise.to(self.device) * scheduler.init_noise_sigma).to(self.dtype)
+        # Latents and the scheduler's arithmetic stay in float32 in every precision mode; only the
+        # UNet runs in protocol.dtype (in fp32 this is the reference computation, bit for bit).
+        latents = noise.to(self.device) * scheduler.init_noise_sigma
 
         cond, truncated = self.encode([it.record.prompt for it in items])
         uncond, _ = self.encode([it.negative_prompt for it in items])
         context = torch.cat([uncond, cond])   # one tensor for all steps: K/V edits are cached on it
-        guidance = torch.tensor([it.guidance for it in items], device=self.device, dtype=self.dtype).view(-1, 1, 1, 1)
+        if set_context is not None:
+            set_context(context)
+        guidance = torch.tensor([it.guidance for it in items], device=self.device).view(-1, 1, 1, 1)
         step_kwargs = {"eta": p.eta} if p.scheduler == "ddim" else {}
         for t in scheduler.timesteps:
-            latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps = self.pipe.unet(latent_in, t, encoder_hidden_states=context, return_dict=False)[0]
+            latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(self.dtype)
+            if self.channels_last:
+                latent_in = latent_in.contiguous(memory_format=torch.channels_last)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            eps = self.pipe.unet(latent_in, t, encoder_hidden_states=context, return_dict=False)[0].float()
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
 
         vae = self.pipe.vae
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        image = image.float()
-        flags = [["nan"] if torch.isnan(x).any() else [] for x in image]
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].float()
+        nan = torch.isnan(image).flatten(1).any(1)
         image = torch.nan_to_num(image, nan=-1.0)
-        image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        arrays = (image * 255).round().astype(np.uint8)
+        pixels = ((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+        if not self.cuda:
+            return InFlight(list(items), pixels, nan, truncated, None)
+        host_pixels = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host_nan = torch.empty(nan.shape, dtype=torch.bool, pin_memory=True)
+        host_pixels.copy_(pixels, non_blocking=True)
+        host_nan.copy_(nan, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return InFlight(list(items), host_pixels, host_nan, truncated, ready)
+
+    def finish(self, batch: InFlight) -> tuple[np.ndarray, list[list[str]], list[bool]]:
+        """Wait for a launched batch: uint8 images [B,H,W,3], per-image flags, per-image truncation."""
+        if batch.ready is not None:
+            batch.ready.synchronize()
+        arrays = batch.pixels.numpy()
+        flags = [["nan"] if bool(n) else [] for n in batch.nan]
         for f, a in zip(flags, arrays):
             if a.max() == 0 and "nan" not in f:
                 f.append("black")
-        return arrays, flags, truncated
+        return arrays, flags, batch.truncated
 
     # ---- the job
     def generate(self, items: Sequence[WorkItem], run_dir: str | Path, *, shard: tuple[int, int] = (0, 1),
-                 resume: bool = True, extra: dict | None = None) -> dict:
-        """Generate this shard's share of ``items`` into ``run_dir``. Returns counts."""
+                 resume: bool = True, extra: dict | None = None, on_written=None) -> dict:
+        """Generate this shard's share of ``items`` into ``run_dir``. Returns counts. ``on_written(entry)``
+        is called (from this thread) for each image once its PNG and manifest line are on disk."""
+        from .attention import fixed_cross_kv
+
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         index, count = shard
@@ -300,11 +384,15 @@ class Engine:
             log.info("%s: removed half-written images of an interrupted run", run_dir)
         entries = read_manifest(run_dir) if resume else {}
         done = completed(run_dir, entries) if resume else set()
-        batches = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         todo = sum(1 for it in mine if it.key not in done)
         stats = {"total": len(mine), "skipped": len(mine) - todo, "generated": 0, "flagged": 0}
         if todo == 0:
             return stats
+        if self.batch_size == "auto":
+            self.batch_size = self.auto_batch_size(todo)
+            log.info("batch size %d (chosen from free device memory)", self.batch_size)
+        stats["batch_size"] = self.batch_size
+        batches = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
         from tqdm.auto import tqdm
 
@@ -312,7 +400,9 @@ class Engine:
                    desc=f"generate{'' if count == 1 else f' shard {index}/{count}'}", dynamic_ncols=True)
         started = time.perf_counter()
         pending: list[tuple[Future, dict]] = []
-        with ThreadPoolExecutor(self.writer_threads) as pool, open(manifest, "a", encoding="utf-8") as mf:
+        in_flight: list[InFlight] = []
+        with ThreadPoolExecutor(self.writer_threads) as pool, open(manifest, "a", encoding="utf-8") as mf, \
+                fixed_cross_kv(self.pipe.unet) as set_context:
 
             def drain(block: bool) -> None:
                 while pending and (block or pending[0][0].done()):
@@ -323,26 +413,79 @@ class Engine:
                     os.fsync(mf.fileno())
                     bar.update(1)
                     stats["generated"] += 1
+                    if on_written is not None:
+                        on_written(entry)
 
-            for batch in batches:
-                if all(it.key in done for it in batch):
-                    continue
-                arrays, flags, truncated = self.denoise(batch)
-                for it, arr, fl, tr in zip(batch, arrays, flags, truncated):
-                    if it.key in done:
+            def write_out(launched: InFlight) -> None:
+                arrays, flags, truncated = self.finish(launched)
+                for it, arr, fl, tr in zip(launched.items, arrays, flags, truncated):
+                    if it is None or it.key in done:   # None: padding of a short last batch
                         continue
                     if fl:
                         stats["flagged"] += 1
                         log.warning("%s: image flagged %s (recorded; the run continues)", it.key, ",".join(fl))
                     entry = self._entry(it, fl, tr, extra)
                     pending.append((pool.submit(self._write_png, run_dir / it.file, arr), entry))
+
+            for batch in batches:
+                if all(it.key in done for it in batch):
+                    continue
+                launched = self.launch(self._padded(batch), set_context)
+                launched.items = list(batch) + [None] * (len(launched.items) - len(batch))
+                in_flight.append(launched)
+                if len(in_flight) >= MAX_IN_FLIGHT:
+                    write_out(in_flight.pop(0))
                 drain(block=False)
                 rate = stats["generated"] / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix_str(f"{rate:.2f} img/s")
+            while in_flight:
+                write_out(in_flight.pop(0))
             drain(block=True)
         bar.close()
         stats["seconds"] = time.perf_counter() - started
         return stats
+
+    def _padded(self, batch: Sequence[WorkItem]) -> list[WorkItem]:
+        """A compiled model keeps one shape: a short last batch is filled up with copies of its last
+        item (their images are discarded; per-row noise makes the others independent of them)."""
+        if self.compile == "none" or len(batch) >= self.batch_size:
+            return list(batch)
+        return list(batch) + [batch[-1]] * (self.batch_size - len(batch))
+
+    def auto_batch_size(self, n_images: int, limit: int = 64) -> int:
+        """The largest batch (a multiple of 8 from 8 up) whose measured peak memory fits in 80 % of the
+        device's free memory; 4 on a CPU. Two eager probes of one denoising step and one decode
+        (batches 1 and 2) give the fixed and the per-image memory."""
+        if not self.cuda:
+            return max(1, min(4, n_images))
+        per_image, fixed = self._memory_per_image()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        fits = int((0.8 * free - fixed) // max(per_image, 1))
+        b = min(limit, fits, n_images)
+        if b >= 8:
+            b -= b % 8
+        return max(1, b)
+
+    @torch.no_grad()
+    def _memory_per_image(self) -> tuple[float, float]:
+        p = self.protocol
+        shape = (self.pipe.unet.config.in_channels, p.height // self.vae_factor, p.width // self.vae_factor)
+        peaks = []
+        with torch.compiler.set_stance("force_eager"):
+            for b in (1, 2):
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                context = torch.cat([self.encode([""] * b)[0]] * 2)
+                latents = torch.zeros((2 * b, *shape), device=self.device, dtype=self.dtype)
+                self.pipe.unet(latents, 999, encoder_hidden_states=context, return_dict=False)
+                vae = self.pipe.vae
+                vae.decode(latents[:b].to(vae.dtype), return_dict=False)
+                torch.cuda.synchronize(self.device)
+                peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+        per_image = max(peaks[1] - peaks[0], 1)
+        return per_image, peaks[0] - per_image
 
     def _write_png(self, path: Path, array: np.ndarray) -> str:
         payload = png_bytes(array, self.png_compress_level)
@@ -358,6 +501,44 @@ class Engine:
             "split": r.split, "concept": r.concept, "extras": dict(r.extras), "flags": flags,
             "prompt_truncated": truncated, **(extra or {}),
         }
+
+
+def set_tf32(enabled: bool) -> bool:
+    """TF32 for CUDA matmuls and convolutions, both or neither. Off is strict fp32; note PyTorch's own
+    default (which the official scripts ran with) is TF32 convolutions but fp32 matmuls."""
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+    return enabled
+
+
+def sdpa_backends() -> dict:
+    b = torch.backends.cuda
+    return {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),
+            "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}
+
+
+def compile_model(pipe, how: str, *, mode: str | None = None, backend: str = "inductor") -> None:
+    """``full``: torch.compile the whole UNet. ``regional``: compile only the blocks repeated through
+    the UNet and the VAE decoder (REGIONAL_BLOCKS); one compiled code object per class, so compiling
+    takes a minute or two where the whole UNet takes many. ``none`` undoes an earlier compile. An
+    engine made again on the same pipeline with the same settings keeps the compiled code."""
+    key = (how, mode, backend)
+    if pipe.unet.__dict__.get("_cpebench_compiled", ("none", None, "inductor")) == key:
+        return
+    modules = [*pipe.unet.modules(), *pipe.vae.modules()]
+    for m in modules:
+        m._compiled_call_impl = None                 # what nn.Module.compile sets
+    if how == "regional":
+        # Every distinct (channels, resolution) of a block class is one more graph of the same code
+        # object; past torch's default limit of 8 the rest would silently run eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for m in [*pipe.unet.modules(), *pipe.vae.decoder.modules()]:
+            if type(m).__name__ in REGIONAL_BLOCKS:
+                m.compile(mode=mode, backend=backend, dynamic=False)
+    elif how == "full":
+        pipe.unet.compile(mode=mode, backend=backend, dynamic=False)
+    pipe.unet.__dict__["_cpebench_compiled"] = key
 
 
 def distributed_shard() -> tuple[tuple[int, int], str | None]:

@@ -281,8 +281,10 @@ def check_sd_dir(path: Path, model: str) -> None:
         raise ModelLoadError(f"model {model!r}: unet cross_attention_dim={cad}; cpebench supports SD-1.x (768)")
 
 
-def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
-    """Load an SD-1.x pipeline with no safety checker. ``model`` = hub id, local dir, or "tiny"."""
+def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32", device: str = "cpu",
+                  vae_dtype: str | None = None) -> LoadedModel:
+    """Load an SD-1.x pipeline with no safety checker. ``model`` = hub id, local dir, or "tiny".
+    ``vae_dtype`` gives the VAE its own precision (default: ``dtype``)."""
     from diffusers import StableDiffusionPipeline
 
     if model in (TINY, RANDOM_SD14):
@@ -300,6 +302,8 @@ def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32
     check_tokenizer(pipe.tokenizer, f"model {model!r} ({path / 'tokenizer'})")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    if vae_dtype is not None:
+        pipe.vae.to(torch_dtype_of(vae_dtype))
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval()
     n_attn2 = len(cross_attention_names(pipe.unet))

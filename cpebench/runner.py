@@ -326,14 +326,16 @@ def ensure_reference_run(cfg: RunConfig, *, progress: bool = True) -> Path | Non
     return ref_dir
 
 
-def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
+def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True, on_written=None) -> dict:
+    """Generate the run's images (resumable). ``on_written(entry)`` sees each image once it is on disk."""
     items, set_infos = work_items(cfg)
     if not items:
         raise ConfigError(f"task {cfg.task.name!r} has nothing to generate (no metric uses a prompt set; pick sets "
                           f"with --sets {','.join(cfg.task.prompt_sets)})")
     shard, accel_device = distributed_shard()
     device = accel_device or choose_device(cfg, len(items))
-    loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device)
+    loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device,
+                           vae_dtype=cfg.protocol.vae_dtype)
     if shard[1] > 1 and shard[0] != 0:
         barrier()               # rank 0 trains (or loads) the artifact; the others then read it from the cache
     artifact, artifact_path = erase(cfg, loaded, progress=progress)
@@ -346,11 +348,13 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
             f"{run_dir}: its images were made with another erased model (artifact {sorted(made_with)[0][:16]}, now "
             f"{artifact.sha256[:16]}: retrained, or another --artifact); use --force to start anew or --name for a new run")
     engine = Engine(loaded.pipe, cfg.protocol, device=device, batch_size=cfg.run.batch_size,
-                    png_compress_level=cfg.run.png_compress_level, progress=progress)
+                    png_compress_level=cfg.run.png_compress_level, progress=progress, compile=cfg.run.compile,
+                    cuda_graphs=cfg.run.cuda_graphs, channels_last=cfg.run.channels_last)
     with method.apply(loaded.pipe, artifact):
         attention_backend = sorted({type(p).__name__ for k, p in loaded.pipe.unet.attn_processors.items()
                                     if k.endswith("attn2.processor")})
-        stats = engine.generate(items, run_dir, shard=shard, extra={"artifact_sha256": artifact.sha256})
+        stats = engine.generate(items, run_dir, shard=shard, extra={"artifact_sha256": artifact.sha256},
+                                on_written=on_written)
     if shard[1] > 1:
         barrier()               # every shard's manifest is complete before rank 0 merges them
         if shard[0] != 0:
@@ -370,11 +374,13 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict:
                    "applies_to_negative_branch": True},
         "sampler": {"scheduler": scheduler, "steps": cfg.protocol.steps, "eta": cfg.protocol.eta,
                     "resolution": [cfg.protocol.height, cfg.protocol.width], "dtype": cfg.protocol.dtype,
+                    "vae_dtype": cfg.protocol.vae_dtype or cfg.protocol.dtype, "tf32": cfg.protocol.tf32,
                     "attention_processors_attn2": attention_backend, "cfg_formula": "eps_u + s*(eps_c - eps_u)",
                     "safety_checker": False},
         "noise": {"rng": cfg.protocol.rng, "granularity": "one generator per prompt row",
                   "k_images_per_row": "one (k,4,H/8,W/8) float32 draw per row; image i = slice i",
                   "seed_column": "evaluation_seed"},
+        "engine": engine.settings(),
         "prompt_sets": set_infos,
         "images": {"total": len(items), "flagged": sum(1 for e in entries.values() if e.get("flags")),
                    "format": "PNG", "naming": "images/<set>/<row id>_<image index>.png"},
@@ -424,6 +430,79 @@ def read_scores(scores_path: Path) -> dict[tuple[str, str], dict]:
     return latest
 
 
+SCORE_CHUNK = 16
+
+
+def score_chunk(metric: Metric, name: str, scorer: str, run_dir: Path, entries: list[dict], out) -> list[dict]:
+    """Score images (manifest entries) and append their lines to the open scores.jsonl ``out``."""
+    details = metric.score([GeneratedImage(run_dir / e["file"], e) for e in entries])
+    out.write("".join(json.dumps({"metric": name, "key": e["key"], "scorer": scorer, "details": det}) + "\n"
+                      for e, det in zip(entries, details)))
+    out.flush()
+    return details
+
+
+class BackgroundScorer:
+    """Scores images while the engine generates the next batches (``cpebench run``), so scoring keeps
+    up with generation instead of starting after it. It writes the lines ``score`` would write (same
+    scorer ids); the final ``score`` then finds them stored and only accumulates and computes.
+    Metrics that compare with the reference run are left to ``score`` (the reference may not exist
+    yet). A failure here never stops generation: it is logged and ``score`` redoes what is missing."""
+
+    def __init__(self, run_dir: Path, metrics: list[tuple[str, Metric, str, set | None]]):
+        """``metrics``: (name, metric, scorer id, prompt sets it scores or None for all)."""
+        import queue
+        import threading
+
+        self.run_dir, self.error = Path(run_dir), None
+        stored = read_scores(self.run_dir / "scores.jsonl")
+        self.metrics = []
+        for name, metric, scorer, sets in metrics:
+            done = {key for (m, key), line in stored.items() if m == name and line.get("scorer") == scorer}
+            self.metrics.append((name, metric, scorer, sets, done, []))
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._work, name="cpebench-scorer", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def for_run(cls, run_dir: Path, cfg: RunConfig) -> BackgroundScorer:
+        metrics = []
+        for name, mcfg in cfg.task.metrics.items():
+            if getattr(METRICS.get(name), "uses_reference_run", False):
+                continue
+            options = metric_options(cfg, name)
+            metric = build_metric(name, options)
+            metric.bind(Path(run_dir))
+            metrics.append((name, metric, scorer_id(name, options), set(mcfg.prompt_sets)))
+        return cls(run_dir, metrics)
+
+    def __call__(self, entry: dict) -> None:
+        self.queue.put(entry)
+
+    def _work(self) -> None:
+        with open(self.run_dir / "scores.jsonl", "a", encoding="utf-8") as out:
+            while True:
+                entry = self.queue.get()
+                for name, metric, scorer, sets, done, buffer in self.metrics:
+                    if entry is not None and (sets is None or entry["set"] in sets) and entry["key"] not in done:
+                        buffer.append(entry)
+                    if buffer and (len(buffer) >= SCORE_CHUNK or entry is None) and self.error is None:
+                        try:
+                            score_chunk(metric, name, scorer, self.run_dir, buffer, out)
+                        except Exception as e:   # noqa: BLE001 - generation goes on; `score` redoes it
+                            self.error = f"{name}: {type(e).__name__}: {e}"
+                            log.warning("scoring during generation stopped (%s); images are scored afterwards",
+                                        self.error)
+                        buffer.clear()
+                if entry is None:
+                    return
+
+    def close(self) -> None:
+        """Score what is left in the buffers and wait for it."""
+        self.queue.put(None)
+        self.thread.join()
+
+
 def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True) -> dict:
     """Score every metric of the task on its prompt sets; resumable; writes summary.json. Stored
     per-image details are reused only when they were made with the same metric options."""
@@ -455,12 +534,9 @@ def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True)
             metric.accumulate([stored[(name, e["key"])] for e in mine if (name, e["key"]) in stored])
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc=f"score {name}",
                        disable=not progress, dynamic_ncols=True)
-            for i in range(0, len(todo), 16):
-                chunk = todo[i : i + 16]
-                images = [GeneratedImage(run_dir / e["file"], e) for e in chunk]
-                for e, det in zip(chunk, metric.update(images)):
-                    out.write(json.dumps({"metric": name, "key": e["key"], "scorer": scorer, "details": det}) + "\n")
-                out.flush()
+            for i in range(0, len(todo), SCORE_CHUNK):
+                chunk = todo[i : i + SCORE_CHUNK]
+                metric.accumulate(score_chunk(metric, name, scorer, run_dir, chunk, out))
                 bar.update(len(chunk))
             bar.close()
             results[name] = metric.compute()

@@ -265,3 +265,30 @@ def test_artist_concepts_come_from_the_erased_set(shared_data):
     assert len(concepts) == 100 and concepts[0] == "Brent Heighton" and concepts[-1] == "Clemens Ascher"
     smoke = resolve_run("sd", "artist", preset="smoke")
     assert task_concepts(smoke) == ["Brent Heighton"]   # the smoke rows stand in for the file
+
+
+def test_scoring_during_generation_matches_scoring_after(tmp_path, tiny_dir):
+    """The background scorer writes every (metric, image) line while the images are generated; the
+    final summary equals a run that scores only afterwards."""
+    from cpebench import runner
+    from cpebench.config import resolve_run
+
+    cfg = resolve_run("sd", "nudity", preset="smoke", overrides=["run.batch_size=2"],
+                      flags={"run.out": str(tmp_path / "a")})
+    run_dir = runner.prepare_run_dir(cfg)
+    scorer = runner.BackgroundScorer.for_run(run_dir, cfg)
+    runner.generate(cfg, run_dir, progress=False, on_written=scorer)
+    scorer.close()
+    assert scorer.error is None
+    entries = runner.read_manifest(run_dir)
+    lines = [json.loads(x) for x in (run_dir / "scores.jsonl").read_text().splitlines()]
+    for name, mcfg in cfg.task.metrics.items():
+        wanted = {k for k, e in entries.items() if e["set"] in mcfg.prompt_sets}
+        assert {x["key"] for x in lines if x["metric"] == name} == wanted, name
+    during = runner.score(run_dir, cfg, progress=False)["metrics"]
+    assert len((run_dir / "scores.jsonl").read_text().splitlines()) == len(lines)   # nothing scored twice
+
+    args = ["run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path / "b")]
+    assert run_cli(*args, "run.overlap_scoring=false") == 0
+    after = json.loads((tmp_path / "b" / "sd-nudity-tiny-smoke" / "summary.json").read_text())["metrics"]
+    assert {k: v["values"] for k, v in during.items()} == {k: v["values"] for k, v in after.items()}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cpebench.attention import KVEdit
 from cpebench.config import ProtocolConfig
 from cpebench.data import PromptRecord
 from cpebench.engine import (Engine, WorkItem, initial_noise, merge_manifests, plan_items, read_jsonl, read_manifest)
@@ -200,3 +201,112 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     (folder / "2_0.png").write_bytes(b"done")
     assert remove_stale_temp_files(tmp_path) == 1
     assert sorted(p.name for p in folder.iterdir()) == [f".1_0.png.tmp{os.getppid()}", "2_0.png"]
+
+
+# --------------------------------------------------------------------------- speed knobs (issue 8)
+
+
+def _images(engine, its, tmp_path, name):
+    out = tmp_path / name
+    engine.generate(its, out)
+    return [np.asarray(Image.open(out / it.file)) for it in its]
+
+
+class _Shift(KVEdit):
+    """A K/V edit that depends on the context only (like CPE's gates)."""
+
+    def __init__(self, cacheable):
+        self.cacheable = cacheable
+
+    def edit(self, layer, context, key, value):
+        return key + 0.3 * context.mean(-1, keepdim=True), value * 0.9
+
+
+def test_fixed_cross_kv_gives_the_per_step_images(tiny, tmp_path):
+    """K/V computed once per batch (fixed_cross_kv) equal the K/V recomputed at every step, bit for
+    bit, for the plain model and for a cacheable edit; a non-cacheable edit keeps the per-step path."""
+    from cpebench.attention import FixedKVProcessor, fixed_cross_kv, kv_edit
+
+    its = items(3)
+    eng = Engine(tiny.pipe, PROTO, batch_size=3, progress=False)
+    with fixed_cross_kv(tiny.pipe.unet) as set_context:
+        assert set_context is not None
+        assert all(isinstance(p, FixedKVProcessor) for k, p in tiny.pipe.unet.attn_processors.items() if "attn2" in k)
+    plain_fixed = eng.finish(eng.launch(its))[0]          # no set_context: the diffusers processors, per step
+    assert np.array_equal(eng.denoise(its)[0], plain_fixed)
+    with kv_edit(tiny.pipe.unet, _Shift(cacheable=True)):
+        fixed = eng.denoise(its)[0]
+    with kv_edit(tiny.pipe.unet, _Shift(cacheable=False)):
+        with fixed_cross_kv(tiny.pipe.unet) as set_context:
+            assert set_context is None                     # not a pure function of the context: left alone
+        per_step = eng.denoise(its)[0]
+    assert np.array_equal(fixed, per_step) and not np.array_equal(fixed, plain_fixed)
+
+
+def test_compiled_engine_pads_the_last_batch_and_never_recompiles(tiny, tmp_path, monkeypatch):
+    """Regional compile (eager backend: the same kernels, so the same bits): images equal the eager
+    engine's, and after the first batch no shape changes (a short last batch is padded)."""
+    from torch._dynamo.utils import counters
+
+    from cpebench.engine import compile_model
+
+    its = items(7)
+    reference = _images(Engine(tiny.pipe, PROTO, batch_size=3, progress=False), its, tmp_path, "eager")
+    try:
+        eng = Engine(tiny.pipe, PROTO, batch_size=3, progress=False, compile="regional", compile_backend="eager")
+        assert eng._padded(its[6:7]) == [its[6]] * 3
+        _images(eng, its[:3], tmp_path, "warm")
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        compiled = _images(eng, its, tmp_path, "compiled")   # 3 + 3 + 1 (padded to 3)
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert all(np.array_equal(a, b) for a, b in zip(reference, compiled))
+        assert len(read_manifest(tmp_path / "compiled")) == 7  # the padding's images are not written
+    finally:
+        compile_model(tiny.pipe, "none")
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in tiny.pipe.unet.modules())
+
+
+def test_channels_last_and_reduced_precision_stay_close(tiny, tmp_path):
+    """channels_last changes the memory layout only; a bf16 UNet keeps float32 latents and scheduler
+    arithmetic, so its images stay near the fp32 ones (and finite)."""
+    from cpebench.models import load_pipeline
+
+    its = items(2)
+    ref = Engine(tiny.pipe, PROTO, progress=False).denoise(its)[0].astype(int)
+    try:
+        nhwc = Engine(tiny.pipe, PROTO, progress=False, channels_last="on").denoise(its)[0].astype(int)
+    finally:
+        for m in (tiny.pipe.unet, tiny.pipe.vae):
+            m.to(memory_format=torch.contiguous_format)
+    assert np.abs(nhwc - ref).max() <= 1
+    bf16 = load_pipeline("tiny", dtype="bf16", vae_dtype="fp32")
+    assert bf16.pipe.unet.dtype == torch.bfloat16 and bf16.pipe.vae.dtype == torch.float32
+    eng = Engine(bf16.pipe, PROTO, progress=False)
+    low = eng.denoise(its)[0].astype(int)
+    assert eng.settings()["latents_dtype"] == "torch.float32" and eng.settings()["vae_dtype"] == "torch.float32"
+    assert np.abs(low - ref).mean() < 8           # of 255: same image, bf16 rounding
+    assert not np.array_equal(low, ref)
+
+
+def test_auto_batch_size(tiny, monkeypatch):
+    eng = Engine(tiny.pipe, PROTO, batch_size="auto", progress=False)
+    assert eng.auto_batch_size(100) == 4 and eng.auto_batch_size(2) == 2          # CPU
+    eng.cuda = True   # the arithmetic on a pretend GPU: 1 GiB fixed, 0.5 GiB per image, 20 GiB free
+    monkeypatch.setattr(eng, "_memory_per_image", lambda: (0.5 * 2**30, 1 * 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 2**30, 80 * 2**30))
+    assert eng.auto_batch_size(1000) == 24          # (0.8*20 - 1) / 0.5 = 30 -> a multiple of 8
+    assert eng.auto_batch_size(5) == 5
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
+    assert eng.auto_batch_size(1000) == 1           # nothing fits: one at a time
+    with pytest.raises(ConfigError, match="run.batch_size"):
+        Engine(tiny.pipe, PROTO, batch_size=0)
+
+
+@pytest.mark.parametrize("key,value", [("run.compile", "max"), ("run.channels_last", "yes"), ("run.batch_size", "big"),
+                                       ("protocol.vae_dtype", "fp8"), ("run.cuda_graphs", "true")])
+def test_engine_settings_are_checked(key, value):
+    from cpebench.config import resolve_run
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve_run("sd", "nudity", preset="smoke", overrides=[f"{key}={value}"])
