@@ -37,21 +37,10 @@ from cpebench.config import ProtocolConfig
 from cpebench.data import PromptRecord
 from cpebench.engine import Engine, compile_model, plan_items
 from cpebench.models import load_pipeline
+from modes import MODES  # benchmarks/perf/modes.py
 
 UNET_GFLOP_512 = 677.0   # per image and forward at 512², SD-1.x (issue #8)
 VAE_GFLOP_512 = 2500.0
-# name: (dtype, vae dtype, tf32, compile, cuda graphs)
-MODES = {
-    "fp32": ("fp32", None, False, "none", False),
-    "tf32": ("fp32", None, True, "none", False),
-    "fp16": ("fp16", None, False, "none", False),
-    "bf16": ("bf16", None, False, "none", False),
-    "fp16-vae32": ("fp16", "fp32", False, "none", False),
-    "fp16-regional": ("fp16", None, False, "regional", False),
-    "fp16-regional-cudagraphs": ("fp16", None, False, "regional", True),
-    "fp16-full": ("fp16", None, False, "full", False),
-    "bf16-regional": ("bf16", None, False, "regional", False),
-}
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
@@ -145,9 +134,9 @@ def free(device: str) -> None:
 
 def engine_rate(args, pipe, proto, mode: str, items, apply=None) -> dict:
     """Warm-up (compiles) on one batch, then the timed run, into fresh folders."""
-    dtype, vae_dtype, tf32, how, graphs = MODES[mode]
-    engine = Engine(pipe, proto, device=args.device, batch_size=args.batch_size, progress=False, compile=how,
-                    cuda_graphs=graphs, compile_backend=args.compile_backend)
+    m = MODES[mode]
+    engine = Engine(pipe, proto, device=args.device, batch_size=args.batch_size, progress=False, compile=m.compile,
+                    cuda_graphs=m.cuda_graphs, compile_backend=args.compile_backend)
     import contextlib
 
     with (apply or contextlib.nullcontext)():
@@ -190,8 +179,7 @@ def method_overheads(args, mode: str, items) -> list[dict]:
     from cpebench import runner
     from cpebench.config import resolve_run
 
-    dtype, vae_dtype, _, _, _ = MODES[mode]
-    loaded = load_pipeline(args.model, dtype=dtype, vae_dtype=vae_dtype, device=args.device)
+    loaded = load_pipeline(args.model, dtype=MODES[mode].dtype, vae_dtype=MODES[mode].vae_dtype, device=args.device)
     rows = []
     for name in args.methods.split(","):
         cfg = resolve_run(name, args.task, preset="smoke", flags={"run.device": args.device})
@@ -206,9 +194,9 @@ def method_overheads(args, mode: str, items) -> list[dict]:
 
 
 def protocol(args, mode: str) -> ProtocolConfig:
-    dtype, vae_dtype, tf32, _, _ = MODES[mode]
+    m = MODES[mode]
     return ProtocolConfig(model=args.model, steps=args.steps, height=args.resolution, width=args.resolution,
-                          dtype=dtype, vae_dtype=vae_dtype, tf32=tf32)
+                          dtype=m.dtype, vae_dtype=m.vae_dtype, tf32=m.tf32)
 
 
 def peak_tflops(args) -> float:
@@ -244,8 +232,8 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
     if not args.device.startswith("cuda"):
-        skipped = [m for m in modes if MODES[m][4]]
-        modes = [m for m in modes if not MODES[m][4]]
+        skipped = [m for m in modes if MODES[m].cuda_graphs]
+        modes = [m for m in modes if not MODES[m].cuda_graphs]
         if skipped:
             print(f"skipping {skipped}: CUDA graphs need a GPU", file=sys.stderr)
 
@@ -268,12 +256,11 @@ def main() -> int:
                        per_row_guidance=False)
     loaded, loaded_key = None, None
     for mode in modes:
-        dtype, vae_dtype = MODES[mode][:2]
-        if loaded_key != (dtype, vae_dtype):
+        if loaded_key != MODES[mode].weights:
             loaded = None
             free(args.device)
-            loaded = load_pipeline(args.model, dtype=dtype, vae_dtype=vae_dtype, device=args.device)
-            loaded_key = (dtype, vae_dtype)
+            loaded_key = MODES[mode].weights
+            loaded = load_pipeline(args.model, dtype=loaded_key[0], vae_dtype=loaded_key[1], device=args.device)
         try:
             rows.append({**engine_rate(args, loaded.pipe, protocol(args, mode), mode, items),
                          "mode": f"cpebench {mode}"})
