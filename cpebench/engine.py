@@ -227,6 +227,7 @@ def completed(run_dir: Path, entries: dict[str, dict], verify: bool = True) -> s
 # decoder. Every instance of a class shares one compiled code object (one graph per distinct shape).
 REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 MAX_IN_FLIGHT = 2         # batches enqueued on the device ahead of the one being written out
+MAX_PENDING_WRITES = 4    # batches of PNGs queued for the writer threads before generation waits
 
 
 @dataclass
@@ -404,8 +405,10 @@ class Engine:
         with ThreadPoolExecutor(self.writer_threads) as pool, open(manifest, "a", encoding="utf-8") as mf, \
                 fixed_cross_kv(self.pipe.unet) as set_context:
 
-            def drain(block: bool) -> None:
-                while pending and (block or pending[0][0].done()):
+            def drain(keep: int) -> None:
+                """Record finished writes in order; wait while more than ``keep`` are queued (so slow
+                disks hold back generation instead of filling memory with pixels)."""
+                while pending and (len(pending) > keep or pending[0][0].done()):
                     fut, entry = pending.pop(0)
                     entry["sha256"] = fut.result()
                     mf.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -435,12 +438,12 @@ class Engine:
                 in_flight.append(launched)
                 if len(in_flight) >= MAX_IN_FLIGHT:
                     write_out(in_flight.pop(0))
-                drain(block=False)
+                drain(keep=MAX_PENDING_WRITES * self.batch_size)
                 rate = stats["generated"] / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix_str(f"{rate:.2f} img/s")
             while in_flight:
                 write_out(in_flight.pop(0))
-            drain(block=True)
+            drain(keep=0)
         bar.close()
         stats["seconds"] = time.perf_counter() - started
         return stats
