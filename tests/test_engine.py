@@ -310,3 +310,20 @@ def test_engine_settings_are_checked(key, value):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         resolve_run("sd", "nudity", preset="smoke", overrides=[f"{key}={value}"])
+
+
+def test_a_cacheable_edit_runs_once_per_batch_not_per_step(tiny, tmp_path):
+    """CPE-style K/V edits cost one evaluation per layer and prompt batch, whatever the step count."""
+    from cpebench.attention import kv_edit
+
+    calls = []
+
+    class Counting(_Shift):
+        def edit(self, layer, context, key, value):
+            calls.append(layer)
+            return super().edit(layer, context, key, value)
+
+    proto = ProtocolConfig(model="tiny", steps=5, height=64, width=64)
+    with kv_edit(tiny.pipe.unet, Counting(cacheable=True)):
+        Engine(tiny.pipe, proto, batch_size=2, progress=False).generate(items(4), tmp_path)
+    assert len(calls) == 16 * 2 and len(set(calls)) == 16     # 16 attn2 layers x 2 batches, not x 5 steps
