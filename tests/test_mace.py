@@ -213,6 +213,96 @@ def test_stage2_loss_matches_recomputation_and_masks(pipe):
     assert float(masked) < float(loss)
 
 
+GROUP = ["van gogh", "melania trump", "tom hanks"]
+
+
+def group_jobs(n_masked: int = 1) -> list:
+    """Three concepts' inputs (random images, the second one with a half mask): seeds 100, 101, 102."""
+    g = torch.Generator().manual_seed(7)
+    jobs = [M.LoRAJob(n, torch.rand(2, 3, 64, 64, generator=g), None, 100 + i) for i, n in enumerate(GROUP)]
+    half = torch.zeros(64, 64)
+    half[:, :32] = 1
+    jobs[n_masked].masks = [half, torch.ones(64, 64)]
+    return jobs
+
+
+def train_grouped(pipe, per_step: int, autocast: str = "none", steps: int = 4, seed_shift: int = 0):
+    # max_grad_norm 0.15: the gradient norms here are 0.1-0.3, so some steps clip and others do not
+    hp = M.Hparams.from_dict({"max_train_steps": steps, "lr": 1e-2, "max_grad_norm": 0.15,
+                              "lora_concepts_per_step": per_step, "lora_autocast": autocast})
+    jobs = group_jobs()
+    for j in jobs:
+        j.seed += seed_shift
+    out = []
+    for k in range(0, len(jobs), per_step):   # as MACE.stage2 groups them
+        out += M.train_concepts(pipe, jobs[k : k + per_step], hp, "cpu")
+    return out
+
+
+def delta_w(factors) -> dict:
+    return {k: u.double() @ d.double() for k, (u, d) in factors.items()}
+
+
+def relative_delta_diff(a, b) -> float:
+    """‖ΔW_a − ΔW_b‖ / ‖ΔW_a‖ over all layers of one concept."""
+    da, db = delta_w(a), delta_w(b)
+    return float(sum(((da[k] - db[k]) ** 2).sum() for k in da).sqrt() / sum((v ** 2).sum() for v in da.values()).sqrt())
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(pipe):
+    return train_grouped(pipe, per_step=1)
+
+
+@pytest.mark.parametrize("per_step", [2, 3])
+def test_stage2_batched_concepts_equal_one_at_a_time(pipe, one_at_a_time, per_step):
+    """One batched forward/backward for several concepts (own LoRA, mask, positions, t per sample; per-concept
+    clipping and AdamW; own random streams) gives each concept the LoRA it gets alone, whatever the grouping."""
+    batched = train_grouped(pipe, per_step=per_step)
+    for (fa, la), (fb, lb) in zip(one_at_a_time, batched):
+        assert la == pytest.approx(lb, rel=1e-5)
+        for k in fa:
+            for x, y in zip(fa[k], fb[k]):
+                assert torch.allclose(x, y, rtol=1e-4, atol=1e-4), k
+    # the LoRAs did move, and differently per concept
+    moved = [delta_w(f) for f, _ in batched]
+    assert all(any(float(d.abs().max()) > 0 for d in m.values()) for m in moved)
+    k = next(iter(moved[0]))
+    assert not torch.allclose(moved[0][k], moved[1][k])
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_stage2_autocast_tracks_fp32(pipe, one_at_a_time, autocast):
+    """Autocast of the stage-2 forward (LoRA weights, AdamW state and the loss sum stay fp32; fp16 with a
+    per-concept GradScaler). Tolerance: at every step the loss agrees with fp32 to within one bf16 rounding
+    step of its value, 2⁻⁸ relative. The loss sums ~10⁴ rounded probabilities, so rounding noise averages out
+    far below that (measured ≤ 4e-5), while a systematic error (a LoRA dropped under autocast, probabilities
+    summed in half precision, a skipped step) exceeds it. ΔW after 4 steps of lr 1e-2: within 20 % of fp32
+    (measured 0.2-7 %; Adam's first steps move by ~lr·sign(g), so small gradients that change sign under
+    rounding show), where another seed — the scale of a genuinely different result — differs by > 100 %."""
+    low = train_grouped(pipe, per_step=3, autocast=autocast)
+    for (f32, l32), (flo, llo) in zip(one_at_a_time, low):
+        assert all(abs(a - b) <= 2 ** -8 * abs(a) for a, b in zip(l32, llo)), (l32, llo)
+        assert relative_delta_diff(f32, flo) < 0.2
+        assert all(x.dtype == torch.float32 for pair in flo.values() for x in pair)
+    if autocast == "bf16":
+        other_seed = train_grouped(pipe, per_step=3, seed_shift=50)
+        assert all(relative_delta_diff(a, b) > 1.0 for (a, _), (b, _) in zip(one_at_a_time, other_seed))
+
+
+def test_stage2_speed_hparams_are_checked():
+    assert M.Hparams().lora_concepts_per_step == 1 and M.Hparams().lora_autocast == "none"   # faithful defaults
+    hp = M.Hparams.from_dict({"lora_concepts_per_step": "4", "lora_autocast": "bf16"})
+    assert hp.lora_concepts_per_step == 4 and hp.lora_autocast == "bf16"
+    for bad, match in [({"lora_concepts_per_step": 0}, "hparams.lora_concepts_per_step must be >= 1"),
+                       ({"lora_concepts_per_step": 2.5}, "hparams.lora_concepts_per_step must be int"),
+                       ({"lora_concepts_per_step": True}, "hparams.lora_concepts_per_step must be int"),
+                       ({"lora_autocast": "fp8"}, "hparams.lora_autocast must be one of none, bf16, fp16"),
+                       ({"lora_autocast": None}, "hparams.lora_autocast must be str")]:
+        with pytest.raises(ConfigError, match=match):
+            M.Hparams.from_dict(bad)
+
+
 def test_focal_timesteps():
     pmf = M.focal_pmf()
     assert float(pmf[200:401].sum()) == pytest.approx(0.864, abs=0.005)
@@ -277,6 +367,8 @@ def test_artifact_only_kv_and_metadata(pipe, artifact, w0):
     assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in artifact.tensors)
     meta = artifact.metadata["mace"]
     assert meta["masks"] == "none" and meta["stage1_preserve"] == "squared" and meta["vae_input_norm"] == "imagenet"
+    assert meta["lora_concepts_per_step"] == 1 and meta["lora_autocast"] == "none"
+    assert set(artifact.metadata["stage_seconds"]) == {"caches_and_stage1", "stage2_data", "stage2_loras", "stage3_fusion"}
     assert set(meta["training_images"]) == set(NAMES)
     assert all(isinstance(v["seed"], int) for v in meta["training_images"].values())
     assert meta["caches"]["prior"]["prompts"] == len(CAPTIONS)
@@ -320,6 +412,7 @@ def test_yaml_configs_parse():
     for task in ("celebrity", "artist", "nudity"):
         hp = M.Hparams.from_dict({**cfg.hparams, **(cfg.tasks.get(task) or {})})
         assert hp.masks == "none"
+        assert hp.lora_concepts_per_step == 1 and hp.lora_autocast == "none"   # the official loop's settings
     assert M.Hparams.from_dict({**cfg.hparams, **cfg.tasks["nudity"]}).timesteps == "uniform"
     assert M.Hparams.from_dict({**cfg.hparams, **cfg.tasks["artist"]}).concept_type == "style"
 
@@ -351,11 +444,43 @@ def test_resume_from_workdir(pipe, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(M, "train_concept", boom)
+    monkeypatch.setattr(M, "train_concepts", boom)
     second = MACE().erase(pipe, [Concept("van gogh")], hp, ctx)
     assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
     with pytest.raises(AssertionError, match="trained again"):   # other settings: not reused
         MACE().erase(pipe, [Concept("van gogh")], dict(hp, lr=1e-3), ctx)
+
+
+def test_resume_grouped_training_after_a_kill(pipe, tmp_path, monkeypatch):
+    """lora_concepts_per_step=2 over 3 concepts: a kill during the second group keeps the first group's
+    LoRAs; the rerun (with another grouping: it does not change a LoRA) trains only the third concept and
+    gives the uninterrupted artifact. Autocast does change the LoRAs: it trains again."""
+    hp = dict(FAST, max_train_steps=2, n_images=1, lora_concepts_per_step=2)
+    concepts = [Concept(n) for n in GROUP]
+    whole = MACE().erase(pipe, concepts, hp, EraseContext(progress=False, workdir=tmp_path / "whole"))
+    assert whole.metadata["mace"]["lora_concepts_per_step"] == 2
+    real, calls, armed = M.train_concepts, [], [True]
+
+    def killed_on_second_group(pipe_, jobs, *a, **k):
+        calls.append([j.name for j in jobs])
+        if armed and len(calls) == 2:   # once
+            armed.clear()
+            raise KeyboardInterrupt
+        return real(pipe_, jobs, *a, **k)
+
+    work = tmp_path / "killed"
+    monkeypatch.setattr(M, "train_concepts", killed_on_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        MACE().erase(pipe, concepts, hp, EraseContext(progress=False, workdir=work))
+    assert calls == [GROUP[:2], GROUP[2:]]
+    assert sorted(p.name for p in work.glob("mace-lora-*.pt")) == ["mace-lora-0000.pt", "mace-lora-0001.pt"]
+    calls.clear()
+    resumed = MACE().erase(pipe, concepts, dict(hp, lora_concepts_per_step=3), EraseContext(progress=False, workdir=work))
+    assert calls == [GROUP[2:]]
+    assert all(torch.allclose(whole.tensors[k], resumed.tensors[k], rtol=1e-5, atol=1e-6) for k in whole.tensors)
+    calls.clear()
+    MACE().erase(pipe, concepts, dict(hp, lora_autocast="bf16"), EraseContext(progress=False, workdir=work))
+    assert calls == [GROUP[:2], GROUP[2:]]
 
 
 def test_grounded_sam_missing_model_is_a_clear_error(pipe, tmp_path):
@@ -383,13 +508,13 @@ def test_grounded_sam_masks_reach_stage2(pipe, monkeypatch):
     monkeypatch.setattr(M.GroundedSAM, "detect", detect)
     monkeypatch.setattr(M.GroundedSAM, "segment", segment)
     seen = []
-    real = M.train_concept
+    real = M.train_concepts
 
-    def spy(pipe_, name, hp_, device, images, masks=None, *a, **k):
-        seen.append(masks)
-        return real(pipe_, name, hp_, device, images, masks, *a, **k)
+    def spy(pipe_, jobs, *a, **k):
+        seen.extend(j.masks for j in jobs)
+        return real(pipe_, jobs, *a, **k)
 
-    monkeypatch.setattr(M, "train_concept", spy)
+    monkeypatch.setattr(M, "train_concepts", spy)
     hp = dict(FAST, masks="grounded_sam", mask_detector="dino", mask_segmenter="sam")
     art = MACE().erase(pipe, [Concept("van gogh")], hp, EraseContext(progress=False))
     rec = art.metadata["mace"]["training_images"]["van gogh"]["masks"]

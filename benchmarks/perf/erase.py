@@ -11,6 +11,14 @@ a short schedule with ``--preset smoke`` (its ``hparams:`` only; the task's full
 used unless ``--max-concepts``). Timings include everything ``erase`` does (text encoding, data files,
 solves), not model loading; one untimed warm-up call per method runs first unless ``--no-warmup``.
 The artifact cache is not used. Absolute figures mean something only on the hardware they name.
+
+MACE's detail column is its artifact's ``stage_seconds`` (caches + stage 1, stage-2 training images,
+stage-2 LoRAs, stage-3 fusion); its stage-2 settings can be set with ``--hparams``, e.g.
+
+    python benchmarks/perf/erase.py --methods mace --tasks celebrity --device cuda --model random-sd14 \
+        --hparams lora_concepts_per_step=8 lora_autocast=bf16
+
+The comparison with a plain fp32 per-concept loop in the same run is benchmarks/perf/mace_train.py.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="timed calls per (method, task); the best is reported")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--data-dir", default=None, help="data files (default: $CPEBENCH_DATA, then the cache)")
+    ap.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="hyperparameters for every method timed (e.g. MACE's lora_concepts_per_step=8)")
     args = ap.parse_args()
 
     from cpebench import config, runner
@@ -78,7 +88,7 @@ def main() -> int:
         warm = args.no_warmup
         for task in tasks:
             try:
-                cfg = config.resolve_run(name, task, preset=args.preset)
+                cfg = config.resolve_run(name, task, preset=args.preset, overrides=[f"hparams.{kv}" for kv in args.hparams])
                 cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, prompts="full", data_dir=args.data_dir))
                 concepts = runner.task_concepts(cfg)[: args.max_concepts]
                 hparams = cfg.hparams
