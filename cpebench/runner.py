@@ -553,6 +553,7 @@ def make_summary(run_dir: Path, cfg: RunConfig, results: dict) -> dict:
         "model": {"id": cfg.protocol.model, "revision": generation.get("model", {}).get("revision")},
         "method": generation.get("method"),
         "sampler": generation.get("sampler"),
+        "engine": generation.get("engine"),
         "guidance": cfg.protocol.guidance,
         "noise": generation.get("noise"),
         "prompts": generation.get("prompt_sets"),

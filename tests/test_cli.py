@@ -39,6 +39,9 @@ def test_smoke_run_produces_every_artifact(smoke_run, capsys):
     card = summary["protocol_card"]
     assert card["model"]["id"] == "tiny" and card["sampler"]["steps"] == 4
     assert card["sampler"]["scheduler"]["class"] == "PNDMScheduler"
+    assert card["sampler"]["dtype"] == card["sampler"]["vae_dtype"] == "fp32" and card["sampler"]["tf32"] is False
+    assert card["engine"]["compile"] == "none" and card["engine"]["latents_dtype"] == "torch.float32"
+    assert isinstance(card["engine"]["batch_size"], int)
     assert card["detectors"]["nudenet"]["threshold"] == 0.6 and card["detectors"]["nudenet"]["version"] == "3.0.8"
     assert card["versions"]["torch"] and card["cpebench"]["version"]
     assert card["prompts"]["i2p"]["guidance"].startswith("per_row")
