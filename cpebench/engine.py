@@ -524,8 +524,9 @@ def sdpa_backends() -> dict:
 def compile_model(pipe, how: str, *, mode: str | None = None, backend: str = "inductor") -> None:
     """``full``: torch.compile the whole UNet. ``regional``: compile only the blocks repeated through
     the UNet and the VAE decoder (REGIONAL_BLOCKS); one compiled code object per class, so compiling
-    takes a minute or two where the whole UNet takes many. ``none`` undoes an earlier compile. An
-    engine made again on the same pipeline with the same settings keeps the compiled code."""
+    takes a minute or two where the whole UNet takes many. ``none`` undoes an earlier compile. The
+    setting belongs to the pipeline (the last engine made on it sets it); an engine made again with
+    the same settings keeps the compiled code."""
     key = (how, mode, backend)
     if pipe.unet.__dict__.get("_cpebench_compiled", ("none", None, "inductor")) == key:
         return

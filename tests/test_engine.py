@@ -243,9 +243,10 @@ def test_fixed_cross_kv_gives_the_per_step_images(tiny, tmp_path):
     assert np.array_equal(fixed, per_step) and not np.array_equal(fixed, plain_fixed)
 
 
-def test_compiled_engine_pads_the_last_batch_and_never_recompiles(tiny, tmp_path, monkeypatch):
-    """Regional compile (eager backend: the same kernels, so the same bits): images equal the eager
-    engine's, and after the first batch no shape changes (a short last batch is padded)."""
+@pytest.mark.parametrize("how", ["regional", "full"])
+def test_compiled_engine_pads_the_last_batch_and_never_recompiles(tiny, tmp_path, how):
+    """Compiled (eager backend: the same kernels, so the same bits): images equal the eager engine's,
+    and after the first batch no shape changes (a short last batch is padded)."""
     from torch._dynamo.utils import counters
 
     from cpebench.engine import compile_model
@@ -253,7 +254,7 @@ def test_compiled_engine_pads_the_last_batch_and_never_recompiles(tiny, tmp_path
     its = items(7)
     reference = _images(Engine(tiny.pipe, PROTO, batch_size=3, progress=False), its, tmp_path, "eager")
     try:
-        eng = Engine(tiny.pipe, PROTO, batch_size=3, progress=False, compile="regional", compile_backend="eager")
+        eng = Engine(tiny.pipe, PROTO, batch_size=3, progress=False, compile=how, compile_backend="eager")
         assert eng._padded(its[6:7]) == [its[6]] * 3
         _images(eng, its[:3], tmp_path, "warm")
         graphs = counters["stats"]["unique_graphs"]
