@@ -51,6 +51,8 @@ import torch
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, hparams_from_dict
+# The base-model fingerprint of the 32 K/V projections an edit was computed from (shared with CPE).
+from cpebench.methods.cpe import base_kv_checksums, base_kv_sha256, check_base_kv
 
 log = logging.getLogger(__name__)
 
@@ -401,14 +403,6 @@ def uce_edit(pipe, names: Sequence[str], hp: Hparams, device, data_dir=None, pro
 # =========================================================================== artifacts
 
 
-def base_kv_sha256(unet) -> str:
-    """Fingerprint of the 32 K/V projections the edit was computed from (an edit of one base model
-    must not be applied to another)."""
-    from cpebench.methods.cpe import base_kv_sha256 as sha
-
-    return sha(unet)
-
-
 def weight_edit(unet, artifact: Artifact, method: str):
     """Checks, then ``swapped_weights``: inside, the UNet holds the artifact's tensors; on exit its
     original tensors are back (bit for bit)."""
@@ -422,16 +416,14 @@ def weight_edit(unet, artifact: Artifact, method: str):
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise ConfigError(f"{method} artifact tensor {name} has shape {tuple(tensor.shape)}, the model's is "
                               f"{tuple(params[name].shape)}: it was made for another base model")
-    recorded = artifact.metadata.get("base_kv_sha256")
-    if recorded and recorded != base_kv_sha256(unet):
-        raise ConfigError(f"{method} artifact was computed from base model {artifact.metadata.get('base_model', '?')!r}, "
-                          "whose K/V weights differ from the loaded model's; erase again on this model")
+    check_base_kv(artifact, unet, method)
     return swapped_weights(unet, artifact.tensors)
 
 
 def weight_metadata(unet, names: Sequence[str], projections: Sequence[str]) -> dict:
     return {"concepts": list(names), "layers": [n for n, _ in edit_layers(unet, projections)],
-            "projections": list(projections), "base_kv_sha256": base_kv_sha256(unet)}
+            "projections": list(projections), "base_kv_sha256": base_kv_sha256(unet),
+            "base_kv_checksums": base_kv_checksums(unet)}
 
 
 def _texts_record(texts: Sequence[str]) -> dict:

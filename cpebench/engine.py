@@ -391,7 +391,7 @@ class Engine:
             return stats
         if self.batch_size == "auto":
             self.batch_size = self.auto_batch_size(todo)
-            log.info("batch size %d (chosen from free device memory)", self.batch_size)
+            log.info("batch size %d (auto%s)", self.batch_size, ": from free device memory" if self.cuda else " on a CPU")
         stats["batch_size"] = self.batch_size
         batches = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 

@@ -418,7 +418,7 @@ def test_artifact_for_another_layout_or_base_model_is_refused(pipe, tiny_dir, tm
     other_weights = load_pipeline(str(save_tiny_pipeline(tmp_path / "tiny-seed1", seed=1))).pipe
     space = KVSpace(other_weights.unet, "cpu")
     trained_elsewhere = as_artifact(space, [random_batch(space, hp, ["x"])], hp, ["x"], other_weights.unet)
-    with pytest.raises(ConfigError, match="trained on base model"):
+    with pytest.raises(ConfigError, match="made from base model"):
         CPE().apply(pipe, trained_elsewhere)
 
 

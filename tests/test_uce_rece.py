@@ -371,6 +371,21 @@ def test_registered_with_configs_and_sources():
 # --------------------------------------------------------------------------- command line
 
 
+def test_artifact_applies_to_the_same_base_in_reduced_precision(uce_artifact):
+    """An edit made on the fp32 model applies to the same weights loaded in bf16 (the sha256 of rounded
+    weights cannot match; per-layer checksums do) and is still refused for other K/V weights."""
+    from cpebench.models import load_pipeline
+
+    low = load_pipeline("tiny", dtype="bf16").pipe
+    with UCE().apply(low, uce_artifact):
+        name = next(iter(uce_artifact.tensors))
+        assert torch.equal(low.unet.get_parameter(name), uce_artifact.tensors[name].to(torch.bfloat16))
+    sums = {k: [v[0] * 1.01, v[1]] for k, v in uce_artifact.metadata["base_kv_checksums"].items()}
+    other = Artifact("uce", dict(uce_artifact.tensors), {**uce_artifact.metadata, "base_kv_checksums": sums})
+    with pytest.raises(ConfigError, match="K/V weights differ"):
+        UCE().apply(low, other)
+
+
 @pytest.fixture
 def data_env(shared_data, monkeypatch):
     monkeypatch.setenv("CPEBENCH_DATA", str(shared_data))

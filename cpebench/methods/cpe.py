@@ -107,6 +107,38 @@ def base_kv_sha256(unet) -> str:
     return h.hexdigest()
 
 
+def base_kv_checksums(unet) -> dict[str, list[float]]:
+    """Per K/V projection [Σ|w|, Σw²] in float64: the same base weights loaded in fp16/bf16 agree to
+    far below 1e-3 relative (rounding is unbiased), another base model does not."""
+    out = {}
+    for name, lin in kv_layers(unet):
+        w = lin.weight.detach().double()
+        out[name] = [float(w.abs().sum()), float((w * w).sum())]
+    return out
+
+
+def check_base_kv(artifact, unet, what: str) -> None:
+    """Refuse an artifact computed from other K/V weights. Exact (sha256) in the artifact's precision;
+    a model loaded in fp16/bf16 is compared by per-layer checksums instead, since its rounded weights
+    cannot match the fp32 sha256."""
+    recorded = artifact.metadata.get("base_kv_sha256")
+    if not recorded or recorded == base_kv_sha256(unet):
+        return
+    if unet.dtype != torch.float32:
+        sums = artifact.metadata.get("base_kv_checksums")
+        if sums is None:
+            log.warning("%s artifact predates per-layer checksums: its base model cannot be checked against a %s "
+                        "model (only against fp32)", what, unet.dtype)
+            return
+        now = base_kv_checksums(unet)
+        if set(now) == set(sums) and all(abs(a - b) <= 1e-3 * max(abs(a), 1e-12)
+                                          for k in now for a, b in zip(sums[k], now[k])):
+            return
+    raise ConfigError(
+        f"{what} artifact was made from base model {artifact.metadata.get('base_model', '?')!r}, whose K/V weights "
+        "differ from the loaded model's; make it again on this model (or load the model it was made for)")
+
+
 def layer_weights(unet) -> dict[str, float]:
     """The spec's per-layer loss weights ("Lipschitz" factors), from spectral norms:
     to_k: sigma(W_o W_v) sigma(W_q) / 77;  to_v: sigma(W_o)."""
@@ -821,7 +853,8 @@ def train(pipe, concepts: Sequence[str], hp: Hparams, ctx: EraseContext) -> tupl
         logs.append(state.log)
     tensors = artifact_tensors(space, nets, hp)
     meta = {"layers": space.official_order, "rank": hp.rank, "gate_rank": hp.gate_rank, "text_dim": space.text_dim,
-            "base_kv_sha256": base_kv_sha256(pipe.unet), "anchor_words": dict(zip(concepts, words)),
+            "base_kv_sha256": base_kv_sha256(pipe.unet), "base_kv_checksums": base_kv_checksums(pipe.unet),
+            "anchor_words": dict(zip(concepts, words)),
             "train": {"seconds": round(time.perf_counter() - started, 2), "steps_per_concept": per_concept_steps,
                       "concept_groups": [len(g) for g in groups], "device": str(device), "stages": logs}}
     return tensors, meta
@@ -862,11 +895,7 @@ def check_layout(unet, artifact: Artifact) -> list[str]:
             raise ConfigError(
                 f"CPE artifact layer {name}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the model's "
                 f"{lin.in_features}->{lin.out_features} projection: it was made for another base model")
-    recorded = artifact.metadata.get("base_kv_sha256")
-    if recorded and recorded != base_kv_sha256(unet):
-        raise ConfigError(
-            f"CPE artifact was trained on base model {artifact.metadata.get('base_model', '?')!r}, whose K/V weights "
-            "differ from the loaded model's; train it again on this model (or load the model it was made for)")
+    check_base_kv(artifact, unet, "CPE")
     return names
 
 
