@@ -72,9 +72,12 @@ def cmd_generate(args, then_score: bool = False) -> int:
         scorer = runner.BackgroundScorer.for_run(run_dir, cfg)
     try:
         stats = runner.generate(cfg, run_dir, progress=not args.quiet, on_written=scorer)
-    finally:
+    except BaseException:
         if scorer is not None:
-            scorer.close()
+            scorer.close(finish=False)
+        raise
+    if scorer is not None:
+        scorer.close()
     print(f"generated {stats.get('generated', 0)} images, {stats.get('skipped', 0)} already done, "
           f"{stats.get('flagged', 0)} flagged (NaN/black)", file=sys.stderr)
     if then_score and int(os.environ.get("RANK", "0")) == 0:   # one scorer when sharded

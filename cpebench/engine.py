@@ -275,6 +275,7 @@ class Engine:
         if channels_last not in ("auto", "on", "off"):
             raise ConfigError(f"run.channels_last: {channels_last!r} is not one of auto, on, off")
         self.channels_last = channels_last == "on" or (channels_last == "auto" and self.cuda)
+        self.cross_kv: str | None = None     # how the last generate computed attn2 K/V (see settings)
         self.tf32 = set_tf32(bool(getattr(protocol, "tf32", False))) if self.cuda else None
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for m in (pipe.unet, pipe.vae):
@@ -289,6 +290,7 @@ class Engine:
             "vae_dtype": str(self.pipe.vae.dtype), "latents_dtype": "torch.float32",
             "last_batch_padded": self.compile != "none", "max_batches_in_flight": MAX_IN_FLIGHT,
             "sdpa_backends": sdpa_backends() if self.cuda else None,
+            "cross_attention_kv": self.cross_kv,
         }
 
     # ---- the math
@@ -404,6 +406,7 @@ class Engine:
         in_flight: list[InFlight] = []
         with ThreadPoolExecutor(self.writer_threads) as pool, open(manifest, "a", encoding="utf-8") as mf, \
                 fixed_cross_kv(self.pipe.unet) as set_context:
+            self.cross_kv = "once per batch" if set_context is not None else "every step (non-cacheable edit)"
 
             def drain(keep: int) -> None:
                 """Record finished writes in order; wait while more than ``keep`` are queued (so slow

@@ -461,6 +461,7 @@ class BackgroundScorer:
             done = {key for (m, key), line in stored.items() if m == name and line.get("scorer") == scorer}
             self.metrics.append((name, metric, scorer, sets, done, []))
         self.queue: queue.Queue = queue.Queue()
+        self.abandon = threading.Event()
         self.thread = threading.Thread(target=self._work, name="cpebench-scorer", daemon=True)
         self.thread.start()
 
@@ -483,6 +484,8 @@ class BackgroundScorer:
         with open(self.run_dir / "scores.jsonl", "a", encoding="utf-8") as out:
             while True:
                 entry = self.queue.get()
+                if self.abandon.is_set():
+                    return                   # interrupted: `score` does the rest on the next run
                 for name, metric, scorer, sets, done, buffer in self.metrics:
                     if entry is not None and (sets is None or entry["set"] in sets) and entry["key"] not in done:
                         buffer.append(entry)
@@ -497,8 +500,11 @@ class BackgroundScorer:
                 if entry is None:
                     return
 
-    def close(self) -> None:
-        """Score what is left in the buffers and wait for it."""
+    def close(self, finish: bool = True) -> None:
+        """Score what is left in the buffers and wait for it; ``finish=False`` (generation failed or was
+        interrupted) drops the backlog instead, so Ctrl-C does not wait for it."""
+        if not finish:
+            self.abandon.set()
         self.queue.put(None)
         self.thread.join()
 

@@ -41,7 +41,7 @@ def test_smoke_run_produces_every_artifact(smoke_run, capsys):
     assert card["sampler"]["scheduler"]["class"] == "PNDMScheduler"
     assert card["sampler"]["dtype"] == card["sampler"]["vae_dtype"] == "fp32" and card["sampler"]["tf32"] is False
     assert card["engine"]["compile"] == "none" and card["engine"]["latents_dtype"] == "torch.float32"
-    assert isinstance(card["engine"]["batch_size"], int)
+    assert isinstance(card["engine"]["batch_size"], int) and card["engine"]["cross_attention_kv"] == "once per batch"
     assert card["detectors"]["nudenet"]["threshold"] == 0.6 and card["detectors"]["nudenet"]["version"] == "3.0.8"
     assert card["versions"]["torch"] and card["cpebench"]["version"]
     assert card["prompts"]["i2p"]["guidance"].startswith("per_row")
@@ -295,3 +295,32 @@ def test_scoring_during_generation_matches_scoring_after(tmp_path, tiny_dir):
     assert run_cli(*args, "run.overlap_scoring=false") == 0
     after = json.loads((tmp_path / "b" / "sd-nudity-tiny-smoke" / "summary.json").read_text())["metrics"]
     assert {k: v["values"] for k, v in during.items()} == {k: v["values"] for k, v in after.items()}
+
+
+def test_background_scorer_drops_its_backlog_when_generation_fails(tmp_path):
+    """An interrupted run does not wait for queued scoring; what was written stays valid."""
+    import threading
+
+    from cpebench import runner
+
+    class Slow:
+        calls = 0
+
+        def score(self, images):
+            Slow.calls += 1
+            gate.wait(5)
+            return [{"x": 1} for _ in images]
+
+    gate = threading.Event()
+    scorer = runner.BackgroundScorer(tmp_path, [("slow", Slow(), "id", None)])
+    for i in range(3 * runner.SCORE_CHUNK):
+        scorer({"key": f"s/{i}/0", "set": "s", "file": f"images/s/{i}_0.png"})
+    time.sleep(0.5)                  # the first chunk is being scored
+    closing = threading.Thread(target=scorer.close, kwargs={"finish": False})
+    closing.start()                  # the interruption arrives while that chunk is still running
+    time.sleep(0.2)
+    gate.set()
+    closing.join(10)
+    assert not closing.is_alive() and Slow.calls == 1      # the other two chunks were dropped
+    lines = (tmp_path / "scores.jsonl").read_text().splitlines()
+    assert len(lines) % runner.SCORE_CHUNK == 0 and all(json.loads(x)["metric"] == "slow" for x in lines)
