@@ -320,25 +320,30 @@ class Engine:
         shape = (self.pipe.unet.config.in_channels, p.height // self.vae_factor, p.width // self.vae_factor)
         noise = torch.stack([initial_noise(it, shape, p.rng, self.device) for it in items])
         scheduler = make_scheduler(p.scheduler, self.pipe.scheduler.config)
-        scheduler.set_timesteps(p.steps, device=self.device)
+        # The scheduler keeps its timesteps (and sigmas) on the CPU: stepping it with a device timestep
+        # would make the host wait for the device at every step (`if prev_timestep >= 0`, `.item()`).
+        # The UNet gets the same timesteps from one device copy per batch. Host-to-device copies are
+        # non_blocking, so preparing a batch never waits for the one before it.
+        scheduler.set_timesteps(p.steps)
+        unet_timesteps = scheduler.timesteps.to(self.device, non_blocking=True)
         # Latents and the scheduler's arithmetic stay in float32 in every precision mode; only the
         # UNet runs in protocol.dtype (in fp32 this is the reference computation, bit for bit).
-        latents = noise.to(self.device) * scheduler.init_noise_sigma
+        latents = noise.to(self.device, non_blocking=True) * scheduler.init_noise_sigma
 
         cond, truncated = self.encode([it.record.prompt for it in items])
         uncond, _ = self.encode([it.negative_prompt for it in items])
         context = torch.cat([uncond, cond])   # one tensor for all steps: K/V edits are cached on it
         if set_context is not None:
             set_context(context)
-        guidance = torch.tensor([it.guidance for it in items], device=self.device).view(-1, 1, 1, 1)
+        guidance = torch.tensor([it.guidance for it in items]).view(-1, 1, 1, 1).to(self.device, non_blocking=True)
         step_kwargs = {"eta": p.eta} if p.scheduler == "ddim" else {}
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(self.dtype)
             if self.channels_last:
                 latent_in = latent_in.contiguous(memory_format=torch.channels_last)
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            eps = self.pipe.unet(latent_in, t, encoder_hidden_states=context, return_dict=False)[0].float()
+            eps = self.pipe.unet(latent_in, unet_timesteps[i], encoder_hidden_states=context, return_dict=False)[0].float()
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]

@@ -335,7 +335,7 @@ def text_embeddings(pipe, prompts, device=None):
     tok, enc = pipe.tokenizer, pipe.text_encoder
     ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
-    return enc(ids.to(device if device is not None else enc.device))[0]
+    return enc(ids.to(device if device is not None else enc.device, non_blocking=True))[0]   # no host wait on a GPU
 
 
 def cross_attention_names(unet) -> list[str]:
