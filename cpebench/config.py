@@ -433,21 +433,26 @@ DTYPES = ("fp32", "fp16", "bf16")
 COMPILE_MODES = ("none", "regional", "full")
 
 
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
 def check_engine_settings(protocol: ProtocolConfig, run: RunOptions) -> None:
     """The precision and speed knobs, each error naming its key."""
-    def one_of(key: str, value, allowed) -> None:
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-
-    one_of("protocol.dtype", protocol.dtype, DTYPES)
+    _one_of("protocol.dtype", protocol.dtype, DTYPES)
     if protocol.vae_dtype is not None:
-        one_of("protocol.vae_dtype", protocol.vae_dtype, DTYPES)
-    one_of("run.compile", run.compile, COMPILE_MODES)
-    one_of("run.channels_last", run.channels_last, ("auto", "on", "off"))
-    b = run.batch_size
-    if not (b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1)):
-        raise ConfigError(f"run.batch_size: {b!r} must be a positive integer or auto")
-    if run.cuda_graphs and run.compile == "none":
+        _one_of("protocol.vae_dtype", protocol.vae_dtype, DTYPES)
+    check_speed_settings(run.batch_size, run.compile, run.cuda_graphs, run.channels_last)
+
+
+def check_speed_settings(batch_size, compile: str, cuda_graphs: bool, channels_last: str) -> None:
+    """run.batch_size / compile / cuda_graphs / channels_last (also checked by ``Engine`` itself)."""
+    _one_of("run.compile", compile, COMPILE_MODES)
+    _one_of("run.channels_last", channels_last, ("auto", "on", "off"))
+    if not (batch_size == "auto" or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1)):
+        raise ConfigError(f"run.batch_size: {batch_size!r} must be a positive integer or auto")
+    if cuda_graphs and compile == "none":
         raise ConfigError("run.cuda_graphs: CUDA graphs are captured by torch.compile; set run.compile to regional or full")
 
 

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import ProtocolConfig
+from .config import ProtocolConfig, check_speed_settings
 from .data import PromptRecord
 from .errors import ConfigError, CpebenchError
 
@@ -255,9 +255,8 @@ class Engine:
         self.pipe = pipe
         self.protocol = protocol
         self.device = torch.device(device)
-        if batch_size != "auto" and (isinstance(batch_size, bool) or int(batch_size) < 1):
-            raise ConfigError(f"run.batch_size: {batch_size!r} must be a positive integer or auto")
-        self.batch_size = batch_size if batch_size == "auto" else int(batch_size)
+        check_speed_settings(batch_size, compile, cuda_graphs, channels_last)
+        self.batch_size = batch_size
         self.png_compress_level = png_compress_level
         self.progress = progress
         self.writer_threads = writer_threads
@@ -268,12 +267,6 @@ class Engine:
         make_scheduler(protocol.scheduler, pipe.scheduler.config)  # fail early on a bad name
         self.cuda = self.device.type == "cuda"
         self.compile, self.cuda_graphs = compile, bool(cuda_graphs)
-        if compile not in ("none", "regional", "full"):
-            raise ConfigError(f"run.compile: {compile!r} is not one of none, regional, full")
-        if self.cuda_graphs and compile == "none":
-            raise ConfigError("run.cuda_graphs: CUDA graphs are captured by torch.compile; set run.compile")
-        if channels_last not in ("auto", "on", "off"):
-            raise ConfigError(f"run.channels_last: {channels_last!r} is not one of auto, on, off")
         self.channels_last = channels_last == "on" or (channels_last == "auto" and self.cuda)
         self.cross_kv: str | None = None     # how the last generate computed attn2 K/V (see settings)
         self.tf32 = set_tf32(bool(getattr(protocol, "tf32", False))) if self.cuda else None
