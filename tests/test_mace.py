@@ -417,13 +417,11 @@ def test_yaml_configs_parse():
     assert M.Hparams.from_dict({**cfg.hparams, **cfg.tasks["artist"]}).concept_type == "style"
 
 
-def test_cli_erase_smoke(tmp_path, shared_data, monkeypatch):
-    """``cpebench erase --method mace --task artist --preset smoke`` (registered in-process until the entry
-    point exists)."""
+def test_cli_erase_smoke(tmp_path, shared_data):
+    """``cpebench erase --method mace --task artist --preset smoke`` through the entry point. (It used to
+    monkeypatch the registry, whose teardown then deleted ``mace`` for every later test.)"""
     from cpebench.cli import main
-    from cpebench.registry import METHODS
 
-    monkeypatch.setitem(METHODS._targets, "mace", MACE)
     out = tmp_path / "a"
     assert main(["-q", "erase", "--method", "mace", "--task", "artist", "--preset", "smoke",
                  "--data-dir", str(shared_data), "--save", str(out)]) == 0
