@@ -433,6 +433,14 @@ def read_scores(scores_path: Path) -> dict[tuple[str, str], dict]:
 SCORE_CHUNK = 16
 
 
+def bound_metric(cfg: RunConfig, name: str, run_dir: Path) -> tuple[Metric, str]:
+    """Task metric ``name`` built with its resolved options and bound to ``run_dir``, and its scorer id."""
+    options = metric_options(cfg, name)
+    metric = build_metric(name, options)
+    metric.bind(run_dir)
+    return metric, scorer_id(name, options)
+
+
 def score_chunk(metric: Metric, name: str, scorer: str, run_dir: Path, entries: list[dict], out) -> list[dict]:
     """Score images (manifest entries) and append their lines to the open scores.jsonl ``out``."""
     details = metric.score([GeneratedImage(run_dir / e["file"], e) for e in entries])
@@ -471,10 +479,7 @@ class BackgroundScorer:
         for name, mcfg in cfg.task.metrics.items():
             if getattr(METRICS.get(name), "uses_reference_run", False):
                 continue
-            options = metric_options(cfg, name)
-            metric = build_metric(name, options)
-            metric.bind(Path(run_dir))
-            metrics.append((name, metric, scorer_id(name, options), set(mcfg.prompt_sets)))
+            metrics.append((name, *bound_metric(cfg, name, Path(run_dir)), set(mcfg.prompt_sets)))
         return cls(run_dir, metrics)
 
     def __call__(self, entry: dict) -> None:
@@ -524,14 +529,11 @@ def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True)
 
     with open(scores_path, "a", encoding="utf-8") as out:
         for name, mcfg in cfg.task.metrics.items():
-            options = metric_options(cfg, name)
-            metric = build_metric(name, options)
-            metric.bind(run_dir)
+            metric, scorer = bound_metric(cfg, name, run_dir)
             mine = [e for e in entries.values() if e["set"] in mcfg.prompt_sets]
             if not mine:
                 log.warning("metric %s: no generated images in sets %s", name, list(mcfg.prompt_sets))
                 continue
-            scorer = scorer_id(name, options)
             stored = {k: line["details"] for k, line in lines.items() if line.get("scorer") == scorer}
             stale = sum(1 for e in mine if (name, e["key"]) in lines and (name, e["key"]) not in stored)
             if stale:
