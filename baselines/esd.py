@@ -66,7 +66,8 @@ import torch.nn.functional as F
 
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
-from cpebench.methods import Artifact, Concept, EraseContext, Method, hparams_from_dict
+from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
+                              weight_checksum)
 
 log = logging.getLogger(__name__)
 
@@ -440,16 +441,6 @@ def train_step(trainer: Trainer) -> float:
     return trainer.step()
 
 
-def base_checksum(tensors: Mapping[str, torch.Tensor]) -> list[float]:
-    """[Σ|w|, Σw²] over the given tensors in float64: tells base models apart, tolerant to fp16/bf16 copies."""
-    s = s2 = 0.0
-    for t in tensors.values():
-        t = t.detach().double()
-        s += float(t.abs().sum())
-        s2 += float((t * t).sum())
-    return [s, s2]
-
-
 def train(pipe, concepts: Sequence[str], hp: Hparams, ctx: EraseContext, method: str) -> tuple[dict, dict]:
     """Run ESD; returns (changed tensors, metadata). ``pipe`` is left as it was."""
     from tqdm.auto import tqdm
@@ -490,7 +481,7 @@ def train(pipe, concepts: Sequence[str], hp: Hparams, ctx: EraseContext, method:
         tensors = trainer.trained()
         n_params = sum(p.numel() for p in trainer.params)
         names = list(trainer.names)
-        checksum = base_checksum({n: trainer.frozen[n] for n in tensors})
+        checksum = weight_checksum(trainer.frozen[n] for n in tensors)
         losses = trainer.losses
     finally:
         trainer.close()
@@ -628,8 +619,7 @@ class _ESD(Method):
                                   f"{tuple(params[k].shape)}: it was made for another base model")
         recorded = artifact.metadata.get("base_checksum")
         if recorded:
-            now = base_checksum({k: params[k] for k in artifact.tensors})
-            if any(abs(a - b) > 1e-3 * max(a, 1e-12) for a, b in zip(recorded, now)):
+            if not checksums_agree(recorded, weight_checksum(params[k] for k in artifact.tensors)):
                 raise ConfigError(
                     f"{self.name} artifact was trained on base model {artifact.metadata.get('base_model', '?')!r}, whose "
                     "weights differ from the loaded model's; train it again on this model (or load the model it was made for)")

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..attention import KVEdit, kv_edit
 from ..errors import ConfigError, CpebenchError, DataError
-from . import Artifact, Concept, EraseContext, Method, hparams_from_dict
+from . import Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict, weight_checksum
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,8 @@ def base_kv_sha256(unet) -> str:
 
 
 def base_kv_checksums(unet) -> dict[str, list[float]]:
-    """Per K/V projection [Σ|w|, Σw²] in float64: the same base weights loaded in fp16/bf16 agree to
-    far below 1e-3 relative (rounding is unbiased), another base model does not."""
-    out = {}
-    for name, lin in kv_layers(unet):
-        w = lin.weight.detach().double()
-        out[name] = [float(w.abs().sum()), float((w * w).sum())]
-    return out
+    """``weight_checksum`` of each K/V projection."""
+    return {name: weight_checksum([lin.weight]) for name, lin in kv_layers(unet)}
 
 
 def check_base_kv(artifact, unet, what: str) -> None:
@@ -131,8 +126,7 @@ def check_base_kv(artifact, unet, what: str) -> None:
                         "model (only against fp32)", what, unet.dtype)
             return
         now = base_kv_checksums(unet)
-        if set(now) == set(sums) and all(abs(a - b) <= 1e-3 * max(abs(a), 1e-12)
-                                          for k in now for a, b in zip(sums[k], now[k])):
+        if set(now) == set(sums) and all(checksums_agree(sums[k], now[k]) for k in now):
             return
     raise ConfigError(
         f"{what} artifact was made from base model {artifact.metadata.get('base_model', '?')!r}, whose K/V weights "
