@@ -58,3 +58,10 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture
+def data_env(shared_data, monkeypatch):
+    """The shared data files, also as $CPEBENCH_DATA (for code that finds them on its own)."""
+    monkeypatch.setenv("CPEBENCH_DATA", str(shared_data))
+    return shared_data

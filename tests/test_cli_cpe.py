@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from cpebench.cli import main
 from cpebench.methods import Artifact, cpe
 
@@ -13,12 +11,6 @@ SHORT = ["hparams.stages=2", "hparams.iterations=3", "hparams.stage0_iterations_
 
 def run_cli(*args) -> int:
     return main(["-q", *args])
-
-
-@pytest.fixture
-def data_env(shared_data, monkeypatch):
-    monkeypatch.setenv("CPEBENCH_DATA", str(shared_data))
-    return shared_data
 
 
 def test_run_trains_once_then_reuses_the_cached_artifact(data_env, tiny_dir, tmp_path, monkeypatch):

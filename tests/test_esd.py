@@ -330,12 +330,6 @@ def test_bad_input_is_a_clear_error(pipe, trained):
 # --------------------------------------------------------------------------- command line
 
 
-@pytest.fixture
-def data_env(shared_data, monkeypatch):
-    monkeypatch.setenv("CPEBENCH_DATA", str(shared_data))
-    return shared_data
-
-
 def test_cli_runs_both_variants_and_reuses_the_cached_artifact(data_env, tiny_dir, tmp_path, monkeypatch, capsys):
     from cpebench.cli import main
 

@@ -386,12 +386,6 @@ def test_artifact_applies_to_the_same_base_in_reduced_precision(uce_artifact):
         UCE().apply(low, other)
 
 
-@pytest.fixture
-def data_env(shared_data, monkeypatch):
-    monkeypatch.setenv("CPEBENCH_DATA", str(shared_data))
-    return shared_data
-
-
 @pytest.mark.parametrize("method,task,module,func", [("uce", "artist", uce_mod, "uce_edit"),
                                                       ("rece", "nudity", rece_mod, "rece")])
 def test_cli_run_then_reuse_the_cached_artifact(data_env, tiny_dir, tmp_path, monkeypatch, method, task, module, func):
