@@ -1,4 +1,4 @@
-"""ESD — Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023); spec: shared/specs/esd_uce_rece.md §1.
+"""ESD — Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023); sources and deviations: docs/methods/esd.md.
 
 Two methods share one trainer and differ only in the UNet parameters they fine-tune:
 
@@ -12,7 +12,7 @@ The subsets are the paper code's rules applied verbatim to the CompVis parameter
 (``compvis_names`` maps diffusers' names; ``tests/test_esd.py`` checks the map against diffusers' own
 CompVis converter).
 
-Per iteration, as ``train-scripts/train-esd.py`` at a2189e9 (spec §1.3):
+Per iteration, as ``train-scripts/train-esd.py`` at a2189e9 (rohitgandikota/erasing, the paper's code):
 
 1. pick a concept uniformly; draw t_enc ~ U{0..S-1} (S = ddim_steps = 50) and
    t ~ U[round(t_enc/S·1000), round((t_enc+1)/S·1000)); draw x_T ~ N(0, I);
@@ -41,7 +41,7 @@ Deviations from the official code (named in the hparams where they change number
 
 * ``xt_schedule: paper`` (default) keeps the official sampler's offset: it skips DDIM timestep 981 and
   breaks after the step with index t_enc−1, so x_t is ~2–3 DDIM steps less noisy than the timestep the
-  UNet is then queried at, and t_enc ∈ {0, 1} samples down to x_0 (spec §1.3). The paper text means x_t
+  UNet is then queried at, and t_enc ∈ {0, 1} samples down to x_0. The paper text means x_t
   at t; ``xt_schedule: aligned`` does that (DDIM from 981 down to exactly t's noise level).
 * The official ``--lr`` is declared ``type=int`` (only the default 1e-5 is usable); here lr is a float.
 * The paper code samples with CompVis LDM; here the diffusers port of the same weights. The noise
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
-                              weight_checksum)
+                              read_safetensors, weight_checksum)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def subset_names(names: Sequence[str], train_method: str, layers_per_block: int 
 
 @dataclass(frozen=True)
 class Hparams:
-    """benchmarks/methods/_esd.yaml gives every value and its source (spec §1.3)."""
+    """benchmarks/methods/_esd.yaml gives every value and its source (train-esd.py at a2189e9)."""
 
     train_method: str = "xattn"
     iterations: int = 1000
@@ -505,9 +505,7 @@ def train(pipe, concepts: Sequence[str], hp: Hparams, ctx: EraseContext, method:
 
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)[0]
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle / format errors of many kinds
@@ -594,6 +592,9 @@ class _ESD(Method):
 
     def hparams(self, hparams: Mapping[str, Any] | None) -> Hparams:
         return Hparams.from_dict(dict(hparams or {}), self.name, self.default_train_method, self.train_methods)
+
+    def parse_hparams(self, hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+        return asdict(self.hparams(hparams))    # ESD's Hparams holds scalars only
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:

@@ -1,9 +1,9 @@
 """MACE — Mass Concept Erasure in Diffusion Models (Lu et al., CVPR 2024).
 
-Spec: shared/specs/mace.md (paraphrase of Shilin-LU/MACE@057e7a6). Three stages on the 32 (tiny model:
+Official code: Shilin-LU/MACE@057e7a6; sources, values and deviations: docs/methods/mace.md. Three stages on the 32 (tiny model:
 2 × #attn2) cross-attention ``to_k``/``to_v`` matrices W (d×D, no bias):
 
-* **Stage 1, CFR** (§4): one closed form per matrix over all concepts. For every concept, 30 erase prompts
+* **Stage 1, CFR** (``src/cfr_utils.py``): one closed form per matrix over all concepts. For every concept, 30 erase prompts
   T_k(n_i) and mapping prompts T_k(m_i) are aligned token by token (``match_indices``: common prefix, common
   suffix, padding aligned by its offset from EOS; the concept's own tokens dropped) and
 
@@ -12,7 +12,7 @@ Spec: shared/specs/mace.md (paraphrase of Shilin-LU/MACE@057e7a6). Three stages 
   with P, D the COCO and domain caches (Σ c cᵀ over all 77 rows of their prompts; the caches' "mat1" is
   W0 · P, so only the D×D gram is stored) and σ1 = s² (``stage1_preserve: squared``, the official double
   scaling) or s (``linear``). Because every target is W0 times a text vector, W1 = W0 · T1 with one D×D T1.
-* **Stage 2** (§6): per concept, a rank-1 LoRA (down ~ N(0, 1), up = 0) on every attn2 ``to_k``/``to_v``
+* **Stage 2** (``src/cfr_lora_training.py``): per concept, a rank-1 LoRA (down ~ N(0, 1), up = 0) on every attn2 ``to_k``/``to_v``
   of the W1 model, trained with AdamW (wd 0.01, clip 1.0, batch 1) on the attention-map loss
   Σ_l ‖A_l[:, R_l, S]‖_F (unsquared), S = the concept's tokens + EOS + all padding, R_l = the mask's
   pixels (``masks: none``: all pixels). No denoising loss. Timesteps from the focal q(t) ∝
@@ -22,7 +22,7 @@ Spec: shared/specs/mace.md (paraphrase of Shilin-LU/MACE@057e7a6). Three stages 
   ``lora_concepts_per_step`` trains N concepts in one batched forward/backward (sample j with LoRA j; own
   clipping, AdamW and random stream each, so the LoRAs do not depend on N beyond float rounding) and
   ``lora_autocast: bf16|fp16`` autocasts the forward (LoRA weights and AdamW stay fp32).
-* **Stage 3** (§7): per matrix,
+* **Stage 3** (``src/fuse_lora_close_form.py``): per matrix,
 
       W2 = (λ W1 + Σ_i (W1 + ΔW_i) C_i + s_f W0 (P + w D)) (λ I + Σ_i C_i + s_f (P + w D))⁻¹
 
@@ -34,9 +34,9 @@ matrices only (float32), applied with ``cpebench.attention.swapped_weights`` lik
 Masks: ``none`` (all pixels; default) or ``grounded_sam`` (Grounding DINO + SAM through transformers, by hub
 id or local dir in ``mask_detector``/``mask_segmenter``; a model that cannot be loaded is a ConfigError naming
 the option). Not implemented: loading official OneDrive ``.pt`` caches, user-supplied image folders,
-``use_gpt`` captions, the official Grounded-SAM input quirks (§3). The augmentation templates: the spec quotes the first
-and last official templates of each list and elides the middle; the remaining ones here are cpebench's
-reconstruction in the same style ([proposed]; override with ``hparams.templates``).
+``use_gpt`` captions, the official Grounded-SAM input quirks (un-normalised detector input, washed-out SAM
+input). The augmentation templates are the
+official lists' 30 used entries (``OBJECT_TEMPLATES``, ``STYLE_TEMPLATES``; ``hparams.templates`` overrides).
 """
 
 from __future__ import annotations
@@ -74,29 +74,32 @@ log = logging.getLogger(__name__)
 
 PROJECTIONS = ("to_k", "to_v")
 ENCODE_BATCH = 256
-COCO_CAPTIONS = 616_767          # train+val 2014 captions: the official COCO cache's size (§5)
+COCO_CAPTIONS = 616_767          # train+val 2014 captions: the official COCO cache's size
 
-# The 30 used templates of each official list (index 30 is never drawn, §3). Quoted ones from the spec;
-# the others are a reconstruction in the same style ([proposed]: the spec elides the middle of the lists).
+# The official augmentation templates (src/cfr_utils.py prompt_augmentation @057e7a6), indices 0-29 in order.
+# Each list has 31 entries, but the code draws a permutation of range(30): index 30 is never used
+# (object: "{} in a sketch painting"; style: "Artistic image influenced by {}"), so it is left out here.
 OBJECT_TEMPLATES = (
     "{} in a photo", "{} in a snapshot", "A snapshot of {}", "A photograph showcasing {}", "An illustration of {}",
     "A digital rendering of {}", "A visual representation of {}", "A graphic of {}", "A shot of {}",
     "A photo of {}", "A black and white image of {}", "A depiction in portrait form of {}",
-    "A scene depicting {} during a public gathering", "{} captured in an image", "A depiction created with oil paints capturing {}",
-    "An image of {}", "A drawing capturing the essence of {}", "An official photograph featuring {}",
-    "A detailed sketch of {}", "{} during sunset/sunrise", "{} in a detailed portrait", "An official photo of {}",
-    "Historic photo of {}", "Detailed portrait of {}", "A painting of {}", "HD picture of {}",
-    "Painting-like image of {}", "Hand-drawn art of {}", "An oil portrait of {}", "{} in a sketch painting",
+    "A scene depicting {} during a public gathering", "{} captured in an image",
+    "A depiction created with oil paints capturing {}", "An image of {}", "A drawing capturing the essence of {}",
+    "An official photograph featuring {}", "A detailed sketch of {}", "{} during sunset/sunrise",
+    "{} in a detailed portrait", "An official photo of {}", "Historic photo of {}", "Detailed portrait of {}",
+    "A painting of {}", "HD picture of {}", "Magazine cover capturing {}", "Painting-like image of {}",
+    "Hand-drawn art of {}", "An oil portrait of {}",
 )
 STYLE_TEMPLATES = (
     "An artwork by {}", "Art piece by {}", "A recent creation by {}", "{}'s renowned art",
     "Latest masterpiece by {}", "A stunning image by {}", "An art in {}'s style", "Exhibition artwork of {}",
     "Art display by {}", "a beautiful painting by {}", "An image inspired by {}'s style",
     "A sketch by {}", "Art piece representing {}", "A drawing by {}", "Artistry showcasing {}",
-    "An illustration by {}", "A digital art by {}", "A visual art by {}", "A reproduction inspired by {}'s colorful, expressive style",
-    "Famous painting of {}", "A famous art by {}", "Artistic style of {}", "{}'s famous piece",
-    "Abstract work of {}", "{}'s famous drawing", "Art from {}'s early period", "A portrait by {}",
-    "An imitation reflecting the style of {}", "Vibrant reproduction of artwork by {}", "Artistic image influenced by {}",
+    "An illustration by {}", "A digital art by {}", "A visual art by {}",
+    "A reproduction inspired by {}'s colorful, expressive style", "Famous painting of {}", "A famous art by {}",
+    "Artistic style of {}", "{}'s famous piece", "Abstract work of {}", "{}'s famous drawing",
+    "Art from {}'s early period", "A portrait by {}", "An imitation reflecting the style of {}",
+    "An painting from {}'s collection", "Vibrant reproduction of artwork by {}",
 )
 DATA_PROMPT = {"object": "a photo of the {}", "style": "a photo in the style of {}"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -228,7 +231,7 @@ def prompts_for(hp: Hparams, name: str) -> list[str]:
     return [t.format(name) for t in hp.template_list()]
 
 
-# =========================================================================== token matching (§3)
+# =========================================================================== token matching
 
 
 def match_indices(e_ids: Sequence[int], m_ids: Sequence[int], total: int = TOKENS) -> tuple[list[int], list[int]]:
@@ -276,7 +279,7 @@ def concept_positions(tokenizer, prompt: str, name: str, use_pooler: bool = True
     return sorted(pos)
 
 
-# =========================================================================== caches (§5)
+# =========================================================================== caches
 
 
 @torch.no_grad()
@@ -322,7 +325,7 @@ def cached_gram(pipe, texts: Sequence[str], device, kind: str, cache_root: Path 
 
 
 def load_official_cache(path: Any, d: int, device, key: str) -> tuple[torch.Tensor, dict]:
-    """Σ c cᵀ from an official MACE cache (spec §5: ``{i}_for_mat2`` = Σ c cᵀ, the same for every i; the
+    """Σ c cᵀ from an official MACE cache (``src/cache_coco.py`` format: ``{i}_for_mat2`` = Σ c cᵀ, the same for every i; the
     ``_for_mat1`` entries are W0 · mat2 of SD-1.4 and are recomputed from this model's W0 instead)."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
@@ -395,7 +398,7 @@ def preservation(pipe, hp: Hparams, names: Sequence[str], device, data_dir=None,
     return g, record
 
 
-# =========================================================================== stage 1 (§4)
+# =========================================================================== stage 1
 
 
 @dataclass
@@ -463,7 +466,7 @@ def stage1(w0: Mapping[str, torch.Tensor], terms: Stage1Terms, pres: torch.Tenso
     return {k: w @ t for k, w in w0.items()}, a, b
 
 
-# =========================================================================== stage 3 (§7)
+# =========================================================================== stage 3
 
 
 class FusionSums:
@@ -514,7 +517,7 @@ def stage3(w0: Mapping[str, torch.Tensor], w1: Mapping[str, torch.Tensor], delta
     return out
 
 
-# =========================================================================== stage 2 (§6)
+# =========================================================================== stage 2
 
 
 def focal_pmf(n: int = 1000) -> torch.Tensor:
@@ -828,10 +831,10 @@ def training_images(pipe, name: str, hp: Hparams, device) -> tuple[torch.Tensor,
 
 
 class GroundedSAM:
-    """Text-prompted masks (spec §3): Grounding DINO boxes for the caption "<name>.", every box segmented
+    """Text-prompted masks (as ``data_preparation.py``): Grounding DINO boxes for the caption "<name>.", every box segmented
     by SAM (one mask per box), the masks OR-ed; **no box → all ones** (the official fallback). Models
     through transformers (``GroundingDinoForObjectDetection``, ``SamModel``) from a hub id or a local
-    directory. Not replicated: the official un-normalised/washed-out input quirks (§3, §10.10)."""
+    directory. Not replicated: the official un-normalised/washed-out input quirks."""
 
     def __init__(self, detector: str | None, segmenter: str | None, box_threshold: float = 0.3,
                  text_threshold: float = 0.25, device="cpu"):
@@ -999,11 +1002,12 @@ def to_fp32(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class MACE(Method):
     name = "mace"
-    version = "1"
+    version = "2"    # 2: the official augmentation templates (version 1 had one wrong template per list)
     description = ("MACE (CVPR 2024): closed-form cross-attention refinement, one rank-1 LoRA per concept trained "
                    "on the attention-map loss, closed-form fusion of all LoRAs into the 32 attn2 to_k/to_v matrices "
                    "(cpebench reconstruction: seeded training images, cpebench caches, masks: none)")
     trains = True
+    hparams_class = Hparams
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:

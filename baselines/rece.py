@@ -1,6 +1,6 @@
 """RECE — Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models (Gong et al., ECCV 2024).
 
-Spec: shared/specs/esd_uce_rece.md §3 (pipeline, closed forms, per-task configs) and §6.
+Sources, per-task values and deviations: docs/methods/rece.md.
 Official code: CharlesGong12/RECE@403a67f (``train.py``, ``train_artists.py``, ``train_object.py``,
 ``erase_methods/uce.py:edit_model_adversarial``, ``utils/embedding_calculation/close_form_emb.py``).
 
@@ -20,7 +20,10 @@ Official code: CharlesGong12/RECE@403a67f (``train.py``, ``train_artists.py``, `
         W ← (λ W + s_e Σ_i Σ_t (W g_t) c'_{i,t}ᵀ + s_p Σ_r Σ_t (W r_t) r_tᵀ)(λI + s_e Σ c'c'ᵀ + s_p Σ r rᵀ)⁻¹
       with all 77 token positions aligned one to one (token t of c'_i ↦ token t of the guide), no
       last-token slicing, λ = ``lamb``, s_e = ``erase_scale``, s_p = ``preserve_scale``.
-   The weights are stored in float32 after every step (as the model holds them); the solves are float64.
+   Texts are encoded by a float64 copy of the text encoder, sums and solves are float64, and the weights
+   stay float64 from the UCE start to the last epoch (rounded to float32 once, for the artifact): this
+   is the paper code run in float64. (The official code holds them in the fp32 model between epochs;
+   the normal equations amplify that rounding by their condition number.)
 
 Deviations (recorded here, not silently):
 * The official nudity/unsafe scripts generate a validation set after every epoch and keep the epoch
@@ -191,7 +194,7 @@ class EpochResult:
 def rece_epoch(current: Mapping[str, torch.Tensor], original: Mapping[str, torch.Tensor], concept_emb: torch.Tensor,
                guide_emb: torch.Tensor, retain_gram: torch.Tensor, n_retain_rows: int, hp: Hparams,
                target_emb: torch.Tensor | None = None, k0: torch.Tensor | None = None) -> EpochResult:
-    """One epoch: adversarial embeddings from the current (float32-held, float64-cast) weights, then
+    """One epoch: adversarial embeddings from the current (float64) weights, then
     the closed-form edit anchored at them. ``concept_emb``/``guide_emb``: [n, 77, D] float64;
     ``k0`` = Σ W_oᵀW_o (computed if not given; diagnostics only)."""
     p, q = gram(current), gram(current, original)
@@ -219,31 +222,32 @@ def retain_texts(hp: Hparams, names: Sequence[str], data_dir) -> tuple[list[str]
 
 def rece(pipe, names: Sequence[str], hp: Hparams, device, data_dir=None, progress: bool = False,
          on_epoch=None) -> tuple[dict, dict]:
-    """UCE, then ``hp.epochs`` RECE epochs. Returns (float32 weights, metadata record)."""
+    """UCE, then ``hp.epochs`` RECE epochs. Returns (float32 weights, metadata record). Texts are encoded
+    in float64 (``uce.float64_text``) and the weights stay float64 from the UCE start through the last
+    epoch, rounded to float32 once: the paper code run in float64."""
     started = time.perf_counter()
     original = read_weights(pipe.unet, hp.projections, device)
     grams: dict = {}
     k0 = gram(original)
-    start = uce.uce_edit(pipe, names, hp.uce_hparams(), device, data_dir, progress, weights=original, method="rece",
-                         gram_cache=grams, k0=k0)
-    current = to_storage(start.weights)     # the UCE model, as the model holds it (float32)
-    uce_seconds = time.perf_counter() - started
-
-    guides = guides_for("rece", hp.guide, names)
-    retain, preserve = retain_texts(hp, names, data_dir)
-    concept_emb = encode(pipe, names, device)
-    unique = list(dict.fromkeys(guides))
-    guide_emb = encode(pipe, unique, device)[[unique.index(g) for g in guides]]
-    target_emb = None
-    if hp.emb_computing == "close_standardreg":
-        target_emb = encode(pipe, [hp.old_target_concept or " "], device).expand_as(concept_emb)
-    rr, n_r = uce.cached_preserve_gram(grams, pipe, retain, "sequence", device, progress, desc="encode retain")
+    with uce.float64_text(pipe) as text:
+        start = uce.uce_edit(pipe, names, hp.uce_hparams(), device, data_dir, progress, weights=original,
+                             method="rece", gram_cache=grams, k0=k0, text=text)
+        uce_seconds = time.perf_counter() - started
+        guides = guides_for("rece", hp.guide, names)
+        retain, preserve = retain_texts(hp, names, data_dir)
+        concept_emb = encode(text, names, device)
+        unique = list(dict.fromkeys(guides))
+        guide_emb = encode(text, unique, device)[[unique.index(g) for g in guides]]
+        target_emb = None
+        if hp.emb_computing == "close_standardreg":
+            target_emb = encode(text, [hp.old_target_concept or " "], device).expand_as(concept_emb)
+        rr, n_r = uce.cached_preserve_gram(grams, text, retain, "sequence", device, progress, desc="encode retain")
+    current = start.weights                  # the UCE model, float64
     epochs = []
     for e in range(hp.epochs):
         t0 = time.perf_counter()
-        res = rece_epoch({k: v.double() for k, v in current.items()}, original, concept_emb, guide_emb, rr, n_r, hp,
-                         target_emb, k0)
-        current = to_storage(res.weights)
+        res = rece_epoch(current, original, concept_emb, guide_emb, rr, n_r, hp, target_emb, k0)
+        current = res.weights
         record = {"epoch": e + 1, "seconds": round(time.perf_counter() - t0, 3), **res.report}
         epochs.append(record)
         if on_epoch is not None:
@@ -257,18 +261,20 @@ def rece(pipe, names: Sequence[str], hp: Hparams, device, data_dir=None, progres
         "rece": {"guides": guides, "retain": {"blanks": len(retain) - len(preserve), **uce._texts_record(preserve)},
                  "emb_computing": hp.emb_computing, "regular_scale": hp.regular_scale, "epochs": epochs,
                  "selection": "last epoch (the official validation-based selection is not run)"},
+        "numerics": uce.NUMERICS + "; weights float64 between epochs",
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return current, meta
+    return to_storage(current), meta
 
 
 class RECE(Method):
     name = "rece"
-    version = "1"
+    version = "2"    # 2: texts encoded in float64, weights kept in float64 between epochs
     description = ("Reliable and Efficient Concept Erasure (ECCV 2024): UCE, then per epoch a closed-form adversarial "
                    "embedding and a closed-form re-edit of the 32 cross-attention K/V projections; defaults = 403a67f: "
                    "close_regzero, lamb 0.1, preserve 0.1; nudity 3 epochs at reg 0.1, artist 1 epoch at reg 1e-3")
     trains = True    # seconds, but the artifact is cached like a trained one
+    hparams_class = Hparams
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:

@@ -1,6 +1,6 @@
 """UCE — Unified Concept Editing in Diffusion Models (Gandikota et al., WACV 2024).
 
-Spec: shared/specs/esd_uce_rece.md §2 (objective, token handling, defaults) and §6 (checklist).
+Sources, per-task values and deviations: docs/methods/uce.md.
 Default = the paper code (rohitgandikota/unified-concept-editing@35e91e2, ``train-scripts/train_erase.py``),
 which is also the starting point of RECE. No training: one closed form per projection matrix.
 
@@ -15,7 +15,10 @@ with c_i the erase rows, v_i* = W_old g_i the guide rows' outputs (``technique: 
 preserve rows. Because every target is W_old times a text vector, the numerator is W_old · B with
 B = λI + s_e Σ g_i c_iᵀ + s_p Σ r_j r_jᵀ: the edit is W_new = W_old · T with one D×D matrix
 T = B A⁻¹ shared by all 32 matrices (A = the bracket above). We solve it once, in float64, and cast
-the new weights back to float32. (The official code inverts A in float32 per layer: same math.)
+the new weights back to float32. (The official code inverts A in float32 per layer: same math.) The
+texts are encoded by a float64 copy of the text encoder (``float64_text``): the normal equations
+amplify the fp32 encoder's rounding by their condition number, so the edit then equals the paper code
+run in float64, not merely to fp32 accuracy.
 
 Token rows (``tokens``):
 * ``sequence`` (paper code, default; what RECE starts from): erase text and guide text are aligned
@@ -37,6 +40,8 @@ and the unseeded ``<N>artists`` sampling (the task gives the concepts).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import hashlib
 import logging
@@ -44,6 +49,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -59,6 +65,8 @@ log = logging.getLogger(__name__)
 TOKENS = 77
 PROJECTIONS = ("to_k", "to_v")   # the cross-attention projections a weight edit may change
 ENCODE_BATCH = 256
+# recorded in UCE/RECE artifacts: how the edit was computed (see float64_text)
+NUMERICS = "texts encoded by a float64 copy of the text encoder; sums and solves in float64; stored as float32"
 
 
 # =========================================================================== hyperparameters
@@ -217,6 +225,23 @@ def encode(pipe, texts: Sequence[str], device) -> torch.Tensor:
     return torch.cat(out)
 
 
+@contextlib.contextmanager
+def float64_text(pipe):
+    """The text side of a closed-form edit in float64: the pipe's tokenizer and a float64 copy of its text
+    encoder (same device), usable wherever ``encode`` takes a pipe; the copy is freed on exit.
+
+    The normal equations amplify any rounding in their text vectors by their condition number (up to ~7e5
+    with the 1,734-artist preserve set): fp32 embeddings move the edit by a few 1e-6 relative, float64 ones
+    match the paper code run in float64 to about 1e-12 (tests/test_uce_rece.py). Costs one encoder copy
+    (~1 GB for SD-1.x) and float64 encoding of the texts (seconds on a GPU, a minute or two on a CPU for
+    the artist task's 1,734 texts)."""
+    encoder = copy.deepcopy(pipe.text_encoder).to(torch.float64)
+    try:
+        yield SimpleNamespace(tokenizer=pipe.tokenizer, text_encoder=encoder)
+    finally:
+        del encoder
+
+
 def erase_rows(pipe, concepts: Sequence[str], guides: Sequence[str], tokens: str, device):
     """The aligned (c_i, g_i) rows of the erase set: float64 [n, D] each, and the row count per concept."""
     texts = list(dict.fromkeys(list(concepts) + list(guides)))
@@ -265,7 +290,7 @@ def preserve_gram(pipe, texts: Sequence[str], tokens: str, device, progress: boo
 
 @dataclass
 class EditTerms:
-    """Sufficient statistics of one closed-form edit (float64 D×D). Row vectors c, g, r as in the spec."""
+    """Sufficient statistics of one closed-form edit (float64 D×D). Row vectors c, g, r as in the module docstring."""
 
     cc: torch.Tensor      # Σ_i c_i c_iᵀ     (erase inputs)
     gc: torch.Tensor      # Σ_i g_i c_iᵀ     (targets are W g_i)
@@ -383,15 +408,17 @@ def cached_preserve_gram(cache: dict | None, pipe, texts: Sequence[str], tokens:
 
 def uce_edit(pipe, names: Sequence[str], hp: Hparams, device, data_dir=None, progress: bool = False,
              weights: Mapping[str, torch.Tensor] | None = None, method: str = "uce",
-             gram_cache: dict | None = None, k0: torch.Tensor | None = None) -> UCEResult:
+             gram_cache: dict | None = None, k0: torch.Tensor | None = None, text=None) -> UCEResult:
     """The UCE closed form on ``pipe`` (left unchanged). ``weights`` = W_old (default: the pipe's);
-    ``k0`` = Σ W_oldᵀ W_old if the caller has it (diagnostics only)."""
+    ``k0`` = Σ W_oldᵀ W_old if the caller has it (diagnostics only); ``text`` = the float64 text side
+    (``float64_text``) if the caller has one, else one is made here for this edit."""
     guides = guides_for(method, hp.guide, names)
     preserve = preserve_list(method, hp.preserve, names, data_dir)
     retain = ([""] if hp.preserve_empty else []) + preserve
     s_p = resolve_preserve_scale(hp.preserve_scale, len(retain), method)
-    c, g, _ = erase_rows(pipe, names, guides, hp.tokens, device)
-    rr, n_r = cached_preserve_gram(gram_cache, pipe, retain, hp.tokens, device, progress=progress)
+    with (float64_text(pipe) if text is None else contextlib.nullcontext(text)) as text:
+        c, g, _ = erase_rows(text, names, guides, hp.tokens, device)
+        rr, n_r = cached_preserve_gram(gram_cache, text, retain, hp.tokens, device, progress=progress)
     terms = EditTerms.from_rows(c, g, rr, n_r)
     t, a, b = closed_form(terms, hp.lamb, hp.erase_scale, s_p, method)
     w_old = dict(weights) if weights is not None else read_weights(pipe.unet, hp.projections, device)
@@ -432,11 +459,12 @@ def _texts_record(texts: Sequence[str]) -> dict:
 
 class UCE(Method):
     name = "uce"
-    version = "1"
+    version = "2"    # 2: texts encoded in float64 (cached version-1 artifacts hold the fp32-encoded edit)
     description = ("Unified Concept Editing (WACV 2024): closed-form edit of the 32 cross-attention K/V projections; "
                    "defaults = paper code 35e91e2: lamb 0.5, erase 1, preserve auto (max(0.1, 1/|retain|)), '' always "
                    "preserved, token sequences; artist: guide 'art', the other artists of artists1734 preserved")
     trains = True    # no training (seconds), but the artifact is cached like a trained one
+    hparams_class = Hparams
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:
@@ -450,7 +478,8 @@ class UCE(Method):
         meta = weight_metadata(pipe.unet, names, hp.projections)
         meta["uce"] = {"guides": res.guides, "preserve": _texts_record(res.preserve),
                        "preserve_empty": hp.preserve_empty, "preserve_scale": res.preserve_scale,
-                       "lamb": hp.lamb, "erase_scale": hp.erase_scale, "tokens": hp.tokens, **res.report}
+                       "lamb": hp.lamb, "erase_scale": hp.erase_scale, "tokens": hp.tokens,
+                       "numerics": NUMERICS, **res.report}
         meta["seconds"] = round(time.perf_counter() - started, 3)
         log.info("uce: %d concepts, %d erase rows, %d preserve texts, %.2f s", len(names), res.terms.n_erase,
                  len(res.preserve), meta["seconds"])

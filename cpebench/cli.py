@@ -65,7 +65,13 @@ def cmd_generate(args, then_score: bool = False) -> int:
     cfg = _resolve(args)
     if then_score:
         runner.check_metrics(cfg)
-    run_dir = runner.prepare_run_dir(cfg, force=args.force)
+    with runner.open_run(cfg, force=args.force) as run_dir:
+        return _generate_into(args, cfg, run_dir, then_score)
+
+
+def _generate_into(args, cfg, run_dir: Path, then_score: bool) -> int:
+    from . import runner
+
     print(f"run directory: {run_dir}", file=sys.stderr)
     scorer = None
     if then_score and cfg.run.overlap_scoring and int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -107,11 +113,13 @@ def cmd_erase(args) -> int:
     if args.concepts:
         if task_given:
             runner.check_task_concepts(cfg, args.concepts)
-        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(args.concepts), concepts_from=None))
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(args.concepts), concepts_from=None),
+                                  method=config.without_method_concepts(cfg.method, cfg.task.name))
+    hparams = runner.method_hparams(cfg)      # a bad value fails before the model loads
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if _cuda() else "cpu")
     loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device,
                            vae_dtype=cfg.protocol.vae_dtype)
-    artifact, path = runner.erase(cfg, loaded, progress=not args.quiet)
+    artifact, path = runner.erase(cfg, loaded, progress=not args.quiet, hparams=hparams)
     if args.save:
         path = artifact.save(args.save)
     print(f"{cfg.method.name}: {len(artifact.metadata.get('concepts', []))} concepts, artifact sha256 {artifact.sha256[:16]}"
@@ -129,10 +137,12 @@ def cmd_score(args) -> int:
     from . import runner
     from .report import render
 
-    for d in args.run_dirs:
-        summary = runner.score(Path(d), progress=not args.quiet)
-        print(render([summary], summary["task"], "md"))
-        _write_run_report(Path(d))
+    for d in map(Path, args.run_dirs):
+        cfg = runner.load_run_config(d)      # a folder that is no run is said so before anything is written there
+        with runner.run_lock(d):
+            summary = runner.score(d, cfg, progress=not args.quiet)
+            print(render([summary], summary["task"], "md"))
+            _write_run_report(d)
     return 0
 
 
@@ -193,6 +203,7 @@ def cmd_report(args) -> int:
 def cmd_ls(args) -> int:
     from . import config
     from .registry import METHODS, METRICS
+    from .report import short_names
 
     what = args.what
     if what == "methods":
@@ -200,6 +211,10 @@ def cmd_ls(args) -> int:
             cls = METHODS.get(n)
             mc = config.load_method_config(n)
             print(f"{n:12s} {cls.description or mc.description}" + (f"  [source: {mc.source}]" if mc.source else ""))
+            for task, entry in mc.concepts.items():   # what the method erases where its paper code has its own list
+                print(f"{'':12s}   concepts on {task}: {short_names(entry['names'])}  [source: {entry['source']}]")
+            if mc.concepts:
+                print(f"{'':12s}   concepts on other tasks: the task's")
     elif what == "metrics":
         for n in METRICS.names():
             cls = METRICS.get(n)
@@ -308,7 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Subcommand options may also come before the subcommand's own arguments; keep -q/-v global.
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves key=value typed after an option (`--out X protocol.steps=3`) over: an override too
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")] if hasattr(args, "overrides") else []
+    if len(overrides) < len(extra):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:

@@ -81,6 +81,9 @@ class MethodConfig:
     source: str = ""                 # paper / code the defaults come from
     hparams: Mapping[str, Any] = field(default_factory=dict)
     tasks: Mapping[str, Any] = field(default_factory=dict)   # per-task hparam overrides
+    # per task, the concepts the method's paper code erases there, {names: [...], source: "..."}; a task
+    # without an entry erases the task's own list. Concepts given on the command line replace both.
+    concepts: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -351,7 +354,30 @@ def load_method_config(name: str) -> MethodConfig:
         return MethodConfig(name=name)
     raw = load_yaml_with_includes(path, MethodConfig)
     raw.setdefault("name", name)
-    return build(MethodConfig, raw, str(path))
+    mc = build(MethodConfig, raw, str(path))
+    return dataclasses.replace(mc, concepts=check_method_concepts(mc.concepts, str(path)))
+
+
+def check_method_concepts(entries: Mapping[str, Any], source: str) -> dict:
+    """A method YAML's ``concepts:`` block: per task ``{names: [non-empty texts], source: text}``."""
+    out = {}
+    for task, entry in entries.items():
+        where = f"{source}: concepts.{task}"
+        if not isinstance(entry, Mapping) or set(entry) != {"names", "source"}:
+            raise ConfigError(f"{where} must be a mapping with exactly the keys names and source, got {entry!r}")
+        names = entry["names"]
+        if (not isinstance(names, (list, tuple)) or not names
+                or not all(isinstance(n, str) and n.strip() for n in names)):
+            raise ConfigError(f"{where}.names must be a non-empty list of non-empty texts, got {names!r}")
+        if not isinstance(entry["source"], str) or not entry["source"].strip():
+            raise ConfigError(f"{where}.source must say where the list comes from (paper, code file@commit)")
+        out[str(task)] = {"names": [n.strip() for n in names], "source": entry["source"].strip()}
+    return out
+
+
+def without_method_concepts(method: MethodConfig, task: str) -> MethodConfig:
+    """``method`` minus its own concept list for ``task``: concepts given on the command line replace it."""
+    return dataclasses.replace(method, concepts={t: e for t, e in method.concepts.items() if t != task})
 
 
 def load_preset(name: str) -> PresetConfig:
@@ -412,6 +438,8 @@ def resolve_run(
             task_raw = {**task_raw, "metrics": {}}  # metrics=a or metrics=[a,b] keeps only those
             task_over["metrics"] = _metrics_override(task_over["metrics"], task_cfg)
         task_cfg = build(TaskConfig, deep_merge(task_raw, task_over), "command line")
+        if "concepts" in over:
+            method_cfg = without_method_concepts(method_cfg, task_cfg.name)
     if preset_hparams or "hparams" in over:  # preset, then command line, beat the YAML's per-task values
         tasks = dict(method_cfg.tasks)
         tasks[task_cfg.name] = {**(tasks.get(task_cfg.name) or {}), **preset_hparams, **over.get("hparams", {})}
@@ -423,6 +451,7 @@ def resolve_run(
         raise ConfigError(f"task {task_cfg.name!r}: concepts_from names no prompt set "
                           f"({task_cfg.concepts_from!r}).{did_you_mean(task_cfg.concepts_from, task_cfg.prompt_sets)}")
     check_engine_settings(protocol_cfg, run_cfg)
+    check_values(task_cfg, protocol_cfg, run_cfg)
     for s in run_cfg.sets:
         if s not in task_cfg.prompt_sets:
             raise ConfigError(f"run.sets: task {task_cfg.name!r} has no prompt set {s!r}.{did_you_mean(s, task_cfg.prompt_sets)}")
@@ -435,7 +464,7 @@ COMPILE_MODES = ("none", "regional", "full")
 
 def _one_of(key: str, value, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        raise ConfigError(f"{key}: unknown value {value!r}.{did_you_mean(str(value), map(str, allowed))}")
 
 
 def check_engine_settings(protocol: ProtocolConfig, run: RunOptions) -> None:
@@ -456,9 +485,43 @@ def check_speed_settings(batch_size, compile: str, cuda_graphs: bool, channels_l
         raise ConfigError("run.cuda_graphs: CUDA graphs are captured by torch.compile; set run.compile to regional or full")
 
 
+def check_values(task: TaskConfig, protocol: ProtocolConfig, run: RunOptions) -> None:
+    """Values a run cannot start with, each error naming its key (and flag): a bad one must fail here,
+    not hours later, nor run as something else (a negative limit would slice from the end)."""
+    from .data import data_root
+    from .engine import SCHEDULERS
+
+    _one_of("protocol.scheduler", protocol.scheduler, SCHEDULERS)
+    _one_of("protocol.rng", protocol.rng, ("cpu", "cuda_default"))
+    _one_of("run.prompts", run.prompts, ("full", "smoke"))
+    counts = [("protocol.steps", protocol.steps), ("protocol.height", protocol.height),
+              ("protocol.width", protocol.width), ("run.limit (--limit)", run.limit)]
+    for name, ps in task.prompt_sets.items():
+        counts += [(f"prompt_sets.{name}.limit", ps.limit), (f"prompt_sets.{name}.images_per_row", ps.images_per_row)]
+    for key, value in counts:
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: {value!r} must be >= 1")
+    check_device(run.device)
+    data_root(run.data_dir)
+
+
+def check_device(device: str) -> None:
+    """``auto`` or a device torch knows of a kind cpebench runs on (cpu, cuda, cuda:N, mps)."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"run.device (--device): {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+
+
 def _metrics_override(value: Any, task: TaskConfig) -> dict:
-    """``metrics=nudenet`` or ``metrics=[a,b]`` keeps only those metrics of the task."""
-    names = [value] if isinstance(value, str) else list(value)
+    """``metrics=nudenet``, ``metrics=a,b`` or ``metrics=[a,b]`` keeps only those metrics of the task."""
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
     out = {}
     for n in names:
         if n not in task.metrics:
@@ -502,8 +565,11 @@ def config_differences(old: Mapping, new: Mapping, ignore: tuple = OPERATIONAL_K
     for key in sorted(set(a) | set(b)):
         if any(key == i or key.startswith(i + ".") for i in ignore):
             continue
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        # an empty mapping equals an absent key: a field added later with an empty default (e.g.
+        # method.concepts) must not make earlier run directories "different"
+        if va != vb and not (va in ("<absent>", {}) and vb in ("<absent>", {})):
+            diffs.append(f"{key}: {va!r} -> {vb!r}")
     return diffs
 
 

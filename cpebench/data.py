@@ -4,8 +4,8 @@ The evaluation prompts, anchors and training configs are not vendored. Each file
 is resolved, in order, from
 
 1. a user-given data directory (``data_dir`` argument / ``--data-dir``, else env
-   ``CPEBENCH_DATA``) laid out like ``shared/data`` (``prompts/``, ``anchors/``,
-   ``train/``);
+   ``CPEBENCH_DATA``) laid out as the manifest names (``prompts/``, ``anchors/``,
+   ``train/``), or as a checkout of Hyun1A/CPE;
 2. the user cache (``<cache_dir()>/data/<name>``);
 3. a download from the pinned commit of Hyun1A/CPE on raw.githubusercontent.com.
 
@@ -38,6 +38,7 @@ __all__ = [
     "DATA_FILES",
     "cache_dir",
     "default_data_dir",
+    "data_root",
     "resolve_data_file",
     "fetch",
     "sha256_file",
@@ -243,6 +244,18 @@ def default_data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def data_root(data_dir: str | Path | None = None) -> Path | None:
+    """The user's data folder: ``data_dir`` (``--data-dir``), else ``$CPEBENCH_DATA``, else None. One
+    that does not exist is an error: skipping it would quietly download (or miss) the files instead."""
+    if data_dir is not None and str(data_dir) != "":
+        root, given_by = Path(data_dir).expanduser(), "--data-dir"
+    else:
+        root, given_by = default_data_dir(), f"${_ENV_DATA}"
+    if root is not None and not root.is_dir():
+        raise DataError(f"{given_by} {root}: no such directory")
+    return root
+
+
 def _offline() -> bool:
     return any((os.environ.get(v) or "").strip().lower() in _TRUTHY for v in _OFFLINE_ENVS)
 
@@ -289,9 +302,9 @@ def resolve_data_file(
     df = _lookup(name)
 
     # (1) user data dir: a present file must match; an absent one falls through.
-    root = Path(data_dir).expanduser() if data_dir is not None and str(data_dir) != "" else default_data_dir()
+    root = data_root(data_dir)
     if root is not None:
-        # The shared/data layout first, then the original Hyun1A/CPE layout (a CPE checkout).
+        # The manifest's layout (prompts/, anchors/, train/) first, then the original Hyun1A/CPE layout (a CPE checkout).
         for candidate in (root / df.name, root / df.source_path):
             if candidate.is_file():
                 actual = sha256_file(candidate)

@@ -1,13 +1,18 @@
 """Batched, deterministic, resumable image generation.
 
-Determinism contract (protocol v1, G9): every prompt row has its own CPU generator seeded with the
-row's seed; the row's ``(k, 4, H/8, W/8)`` noise is drawn in one call and image i is slice i. So an
-image depends on its row, never on the batch it shared.
+Noise (protocol v1): every prompt row has its own CPU generator seeded with the row's seed; the row's
+``(k, 4, H/8, W/8)`` noise is drawn in one call and image i is slice i. So an image's noise depends on
+its row, never on the batch it shares.
 
 Resumability: each PNG is written atomically (temp file + rename) and only then recorded in the
 manifest (one JSON line, flushed and fsynced). A killed run restarts with the batch that was in
-flight; batches are a fixed partition of the shard's work list, so a resumed run computes every
-image with exactly the same batch as an uninterrupted run would.
+flight; batches are a fixed partition of the whole work list (at the batch size recorded with the
+run's images), and shards take whole batches, so a resumed or multi-process run computes every image
+in exactly the batch one uninterrupted process would.
+
+What is bit-identical: the same image (row, seed, index) from the same batch — same batch size, same
+model, settings, hardware, library versions and threads per process. Another batch size changes only
+fp32 rounding (GEMM blocking): at most 1 level of 256 per pixel (tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -305,10 +310,36 @@ class Engine:
             return self.finish(self.launch(items, set_context))
 
     @torch.no_grad()
+    def float_images(self, items: Sequence[WorkItem]) -> torch.Tensor:
+        """The batch's decoded images before quantisation: float32 [B,3,H,W] in [-1, 1] (NaN kept)."""
+        from .attention import fixed_cross_kv
+
+        with fixed_cross_kv(self.pipe.unet) as set_context:
+            return self.decode(items, set_context)[0]
+
+    @torch.no_grad()
     def launch(self, items: Sequence[WorkItem], set_context=None) -> InFlight:
         """Enqueue one batch on the device (noise, text encoding, denoising, VAE decode, conversion to
         uint8) without waiting for it, so the host prepares the next batch while the device computes.
         ``set_context`` (from ``attention.fixed_cross_kv``) fixes the cross-attention K/V once per batch."""
+        image, truncated = self.decode(items, set_context)
+        nan = torch.isnan(image).flatten(1).any(1)
+        image = torch.nan_to_num(image, nan=-1.0)
+        pixels = ((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+        if not self.cuda:
+            return InFlight(list(items), pixels, nan, truncated, None)
+        host_pixels = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host_nan = torch.empty(nan.shape, dtype=torch.bool, pin_memory=True)
+        host_pixels.copy_(pixels, non_blocking=True)
+        host_nan.copy_(nan, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return InFlight(list(items), host_pixels, host_nan, truncated, ready)
+
+    @torch.no_grad()
+    def decode(self, items: Sequence[WorkItem], set_context=None) -> tuple[torch.Tensor, list[bool]]:
+        """Noise, text encoding, denoising and VAE decode of one batch: float32 images [B,3,H,W] in
+        [-1, 1], and whether each prompt was truncated to the tokenizer's length."""
         p = self.protocol
         shape = (self.pipe.unet.config.in_channels, p.height // self.vae_factor, p.width // self.vae_factor)
         noise = torch.stack([initial_noise(it, shape, p.rng, self.device) for it in items])
@@ -342,19 +373,7 @@ class Engine:
             latents = scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
 
         vae = self.pipe.vae
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].float()
-        nan = torch.isnan(image).flatten(1).any(1)
-        image = torch.nan_to_num(image, nan=-1.0)
-        pixels = ((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
-        if not self.cuda:
-            return InFlight(list(items), pixels, nan, truncated, None)
-        host_pixels = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-        host_nan = torch.empty(nan.shape, dtype=torch.bool, pin_memory=True)
-        host_pixels.copy_(pixels, non_blocking=True)
-        host_nan.copy_(nan, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return InFlight(list(items), host_pixels, host_nan, truncated, ready)
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].float(), truncated
 
     def finish(self, batch: InFlight) -> tuple[np.ndarray, list[list[str]], list[bool]]:
         """Wait for a launched batch: uint8 images [B,H,W,3], per-image flags, per-image truncation."""
@@ -376,8 +395,8 @@ class Engine:
 
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        items = list(items)
         index, count = shard
-        mine = list(items)[index::count]
         manifest = run_dir / (MANIFEST if count == 1 else f"manifest.shard-{index:03d}-of-{count:03d}.jsonl")
         for p in manifest_paths(run_dir):
             read_jsonl(p, repair=True)
@@ -385,15 +404,17 @@ class Engine:
             log.info("%s: removed half-written images of an interrupted run", run_dir)
         entries = read_manifest(run_dir) if resume else {}
         done = completed(run_dir, entries) if resume else set()
+        self.batch_size = self.run_batch_size(entries, len(items), count)
+        # The batches are a fixed partition of the whole work list, and shards take whole batches: a run
+        # on N processes, or resumed after a kill, computes every image in the very batch one
+        # uninterrupted process would (same batch size) — so its bytes are the same.
+        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)][index::count]
+        mine = [it for batch in batches for it in batch]
         todo = sum(1 for it in mine if it.key not in done)
-        stats = {"total": len(mine), "skipped": len(mine) - todo, "generated": 0, "flagged": 0}
+        stats = {"total": len(mine), "skipped": len(mine) - todo, "generated": 0, "flagged": 0,
+                 "batch_size": self.batch_size}
         if todo == 0:
             return stats
-        if self.batch_size == "auto":
-            self.batch_size = self.auto_batch_size(todo)
-            log.info("batch size %d (auto%s)", self.batch_size, ": from free device memory" if self.cuda else " on a CPU")
-        stats["batch_size"] = self.batch_size
-        batches = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
         from tqdm.auto import tqdm
 
@@ -449,6 +470,25 @@ class Engine:
         stats["seconds"] = time.perf_counter() - started
         return stats
 
+    def run_batch_size(self, entries: dict[str, dict], n_images: int, n_shards: int = 1) -> int:
+        """The batch size of this run: the one its recorded images were made with (so a resumed run,
+        whatever --batch-size now says, batches exactly as before), else the requested one (``auto``:
+        from ``n_images`` and free memory). Sharded processes agree on the smallest of theirs."""
+        recorded = {e.get("batch_size") for e in entries.values()} - {None}
+        if len(recorded) == 1:
+            size = recorded.pop()
+            if self.batch_size not in ("auto", size):
+                log.warning("resuming with batch size %d, the one this run's images were made with "
+                            "(batch size %s ignored: another batch size changes images by rounding)", size, self.batch_size)
+        else:
+            if recorded:
+                log.warning("this run's images were made with batch sizes %s; the rest uses %s", sorted(recorded),
+                            self.batch_size)
+            size = self.batch_size if self.batch_size != "auto" else self.auto_batch_size(n_images)
+            if self.batch_size == "auto":
+                log.info("batch size %d (auto%s)", size, ": from free device memory" if self.cuda else " on a CPU")
+        return agree_across_shards(size) if n_shards > 1 else size
+
     def _padded(self, batch: Sequence[WorkItem]) -> list[WorkItem]:
         """A compiled model keeps one shape: a short last batch is filled up with copies of its last
         item (their images are discarded; per-row noise makes the others independent of them)."""
@@ -503,7 +543,7 @@ class Engine:
             "key": it.key, "file": it.file, "set": it.set_name, "row_id": r.id, "image_index": it.index,
             "prompt": r.prompt, "negative_prompt": it.negative_prompt, "seed": int(r.seed), "guidance": it.guidance,
             "split": r.split, "concept": r.concept, "extras": dict(r.extras), "flags": flags,
-            "prompt_truncated": truncated, **(extra or {}),
+            "prompt_truncated": truncated, "batch_size": self.batch_size, **(extra or {}),
         }
 
 
@@ -561,6 +601,19 @@ def distributed_shard() -> tuple[tuple[int, int], str | None]:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return (rank, world), device
+
+
+def agree_across_shards(batch_size: int) -> int:
+    """The smallest batch size of all processes (``auto`` may measure different free memory on each),
+    so every process cuts the work list into the same batches."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return batch_size
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    size = torch.tensor([batch_size], device=device)
+    dist.all_reduce(size, op=dist.ReduceOp.MIN)
+    return int(size.item())
 
 
 def barrier() -> None:

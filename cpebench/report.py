@@ -307,13 +307,30 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def short_names(names: Sequence[str], first: int = 4) -> str:
+    """A concept list in a table cell or a listing: 'a, b, c, d, … (6)'."""
+    names = list(names)
+    head = ", ".join(names[:first])
+    return head if len(names) <= first else f"{head}, … ({len(names)})"
+
+
+def method_label(summary: dict) -> str:
+    """The row's method name, marked when the run erased other concepts than the method's paper code
+    erases on this task (generation.json's ``concepts_differ_from_paper``, kept in the protocol card)."""
+    m = (summary.get("protocol_card") or {}).get("method") or {}
+    if m.get("concepts_differ_from_paper"):
+        return f"{summary['method']} (concepts ≠ paper: {short_names(m.get('concepts') or [])})"
+    return summary["method"]
+
+
 def build_table(summaries: list[dict], task: str, reported: Sequence[Reported] = ()) -> Table:
-    """Reproduced rows (the latest run of each (method, model, preset)), then the task's reported rows."""
+    """Reproduced rows (the latest run of each (method label, model, preset): a run with other concepts
+    than the paper's is its own row), then the task's reported rows."""
     latest: dict[tuple, dict] = {}
     for s in summaries:
         if s.get("task") != task:
             continue
-        key = (s["method"], s["model"], s.get("preset") or "")
+        key = (method_label(s), s["model"], s.get("preset") or "")
         if key not in latest or s.get("created", "") > latest[key].get("created", ""):
             latest[key] = s
     columns: list[ColumnSpec] = []
@@ -498,7 +515,8 @@ def render_csv(table: Table) -> str:
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                 "×": r"$\times$", "³": r"$^{3}$", "²": r"$^{2}$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
-                "–": "--", "—": "---", "·": r"$\cdot$", "≥": r"$\geq$", "≤": r"$\leq$", MARK: r"$^{\dagger}$",
+                "–": "--", "—": "---", "·": r"$\cdot$", "≥": r"$\geq$", "≤": r"$\leq$", "≠": r"$\neq$", "…": r"\ldots{}",
+                MARK: r"$^{\dagger}$",
                 "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
@@ -603,7 +621,7 @@ paper-reported numbers in {reported}; rerun it instead of editing the tables.
   without that mark; note †k under each table (or the CSV's citation columns) gives paper, table,
   trust and how the protocol differs. They are excluded from "best value" bolding (`--format latex`).
 - The CPE paper's own numbers are not included: none could be read by this project
-  (`shared/specs/protocols.md` §10). They go into `reported.yaml` only when copied from the paper,
+  (docs/protocol.md). They go into `reported.yaml` only when copied from the paper,
   citing table and row.
 - Tables named after a cpebench task (`cpebench ls tasks`) use protocol v1 for their reproduced rows;
   other tables hold a foreign protocol's reported rows only (see their notes).

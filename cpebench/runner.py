@@ -12,6 +12,7 @@ Run directory layout (``runs/<name>/``)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -92,14 +93,77 @@ def prepare_run_dir(cfg: RunConfig, *, force: bool = False) -> Path:
                 f"{run_dir} was made with a different config; differing keys: {'; '.join(diffs[:8])}"
                 f"{' …' if len(diffs) > 8 else ''}. Use --force to start it anew, or --name for a new run."
             )
-        if force:
-            shutil.rmtree(run_dir)
-    elif force and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if force and run_dir.exists():
+        for p in run_dir.iterdir():          # all but the lock, which stays held while the run starts anew
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.name != LOCK_FILE:
+                p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists() or rewrite:
         (run_dir / "config.yaml").write_text(dump_yaml(new))
     return run_dir
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``<run>/.lock`` (an exclusive flock) while this process writes into the run: a second
+    cpebench on the same run stops at once instead of generating every image a second time."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileNotFoundError, NotADirectoryError):
+            raise RunStateError(f"{run_dir}: no such run directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunStateError(f"{run_dir} is in use by another cpebench process (pid {holder}); wait for it to "
+                                "finish, or use --name for a separate run") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)        # the file was removed (a failed run's folder) between open and lock: retry
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_run(cfg: RunConfig, *, force: bool = False):
+    """``prepare_run_dir`` under the run's lock, for a command that generates into it. A folder this
+    command made (or emptied with ``force``) is removed again if the command fails before its first
+    image, so the corrected command is not refused as "a different config". Of a sharded run
+    (torchrun, accelerate) rank 0 holds the lock and cleans up for all ranks."""
+    run_dir = Path(cfg.run.out) / run_name(cfg)
+    fresh = force or not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:      # --out (or a folder above it) is a file, or not writable
+        raise RunStateError(f"--out {cfg.run.out}: cannot make the run directory {run_dir} ({e.strerror})") from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield prepare_run_dir(cfg, force=force)
+        return
+    with run_lock(run_dir):
+        try:
+            yield prepare_run_dir(cfg, force=force)
+        except BaseException:
+            if fresh and not any((run_dir / "images").rglob("*.png")):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
 
 def config_from_dict(d: dict, source: str) -> RunConfig:
@@ -209,7 +273,15 @@ def _human(seconds: float) -> str:
 
 
 def task_concepts(cfg: RunConfig) -> list[str]:
-    """The concepts to erase: the task's list, or the distinct concepts of ``concepts_from``'s prompt set."""
+    """The concepts to erase: the method's own list for the task (its YAML ``concepts:``, what its paper
+    code erases there) if it has one, else the task's (``own_task_concepts``). Concepts given on the
+    command line have already replaced both (``config.without_method_concepts``)."""
+    entry = cfg.method.concepts.get(cfg.task.name)
+    return list(entry["names"]) if entry else own_task_concepts(cfg)
+
+
+def own_task_concepts(cfg: RunConfig) -> list[str]:
+    """The task's list, or the distinct concepts of ``concepts_from``'s prompt set."""
     if cfg.task.concepts or not cfg.task.concepts_from:
         return list(cfg.task.concepts)
     records, _ = load_records(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, limit=None)),
@@ -220,7 +292,7 @@ def task_concepts(cfg: RunConfig) -> list[str]:
 def check_task_concepts(cfg: RunConfig, concepts) -> None:
     """``erase --task T --concepts ...`` erases a subset of T's concepts (so T's metrics still apply);
     arbitrary concepts go with ``--preset T`` instead."""
-    known = task_concepts(cfg)
+    known = list(dict.fromkeys(own_task_concepts(cfg) + task_concepts(cfg)))
     lowered = {c.lower(): c for c in known}
     for c in concepts:
         if c.lower() not in lowered:
@@ -234,20 +306,54 @@ def check_task_concepts(cfg: RunConfig, concepts) -> None:
                               "without --task")
 
 
+def paper_concepts(cfg: RunConfig) -> dict | None:
+    """The method's own list for the task, {names, source} (read from its YAML when the command line
+    replaced it), or None when the method names none for this task."""
+    from .config import load_method_config
+
+    return cfg.method.concepts.get(cfg.task.name) or load_method_config(cfg.method.name).concepts.get(cfg.task.name)
+
+
+def concepts_record(cfg: RunConfig, erased) -> dict:
+    """The concepts erased next to the paper's list for the task (artifact metadata, generation.json).
+    ``concepts_differ_from_paper`` is None when it cannot be told: no paper list, or an artifact that
+    does not say what it erased (e.g. an official checkpoint given by --artifact)."""
+    paper = paper_concepts(cfg)
+    differ = None
+    if paper is not None and erased:
+        differ = {c.casefold() for c in erased} != {c.casefold() for c in paper["names"]}
+    return {"concepts": list(erased), "paper_concepts": dict(paper) if paper else None,
+            "concepts_differ_from_paper": differ}
+
+
 def get_method(name: str) -> Method:
     cls = METHODS.get(name)
     return cls()
 
 
-def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True, progress: bool = True) -> tuple[Artifact, Path | None]:
-    """Train (or load the cached, or the user's ``run.artifact``) erased-model artifact."""
+def method_hparams(cfg: RunConfig) -> dict:
+    """The run's hyperparameters as its method parses them (checked, typed, defaults filled in): done
+    once, before the model loads, so a bad value fails at once."""
+    return get_method(cfg.method.name).parse_hparams(cfg.hparams)
+
+
+def erase_precision(cfg: RunConfig) -> dict:
+    """The precision an erase runs in (part of the cache key: the same erase in fp16 gives other weights)."""
+    p = cfg.protocol
+    return {"dtype": p.dtype, "vae_dtype": p.vae_dtype or p.dtype, "tf32": p.tf32}
+
+
+def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True, progress: bool = True,
+          hparams: dict | None = None) -> tuple[Artifact, Path | None]:
+    """Train (or load the cached, or the user's ``run.artifact``) erased-model artifact. ``hparams``:
+    ``method_hparams(cfg)`` if the caller has parsed them already."""
     method = get_method(cfg.method.name)
     if cfg.run.artifact:
         artifact = method.load_artifact(cfg.run.artifact)
         log.info("using the given artifact %s (%d concepts)", cfg.run.artifact, len(artifact.metadata.get("concepts", [])))
         return artifact, Path(cfg.run.artifact)
     concepts = [Concept(c) for c in task_concepts(cfg)]
-    hparams = cfg.hparams
+    hparams = method_hparams(cfg) if hparams is None else hparams
     ctx = EraseContext(device=str(loaded.pipe.unet.device), data_dir=cfg.run.data_dir, progress=progress)
     if not method.trains:
         return method.erase(loaded.pipe, concepts, hparams, ctx), None
@@ -255,8 +361,9 @@ def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True, progress: 
         raise ConfigError(f"task {cfg.task.name!r} names no concepts to erase; "
                           f"use `cpebench erase --method {method.name} --concepts NAME ... --preset {cfg.task.name}`")
     fingerprinted = {k: v for k, v in hparams.items() if k not in method.operational_hparams}
+    precision = erase_precision(cfg)
     key = artifact_fingerprint(method.name, method.version, concepts, fingerprinted, loaded.model_id, loaded.revision,
-                               __version__)  # not the git hash: unrelated commits keep the cache
+                               __version__, precision)  # not the git hash: unrelated commits keep the cache
     path = data.cache_dir() / "artifacts" / method.name / key
     if cache and (path / "artifact.json").exists():
         log.info("reusing cached artifact %s", path)
@@ -264,9 +371,10 @@ def erase(cfg: RunConfig, loaded: LoadedModel, *, cache: bool = True, progress: 
     ctx.workdir = path.with_name(key + ".partial")   # resumable training state (per stage)
     artifact = method.erase(loaded.pipe, concepts, hparams, ctx)
     artifact.metadata.update({
-        "concepts": [c.name for c in concepts], "hparams": hparams, "base_model": loaded.model_id,
-        "base_revision": loaded.revision, "code_version": provenance.code_version(), "method_version": method.version,
-        "fingerprint": key, "created": _now(),
+        **concepts_record(cfg, [c.name for c in concepts]), "hparams": fingerprinted,
+        "operational_hparams": {k: v for k, v in hparams.items() if k in method.operational_hparams},
+        "precision": precision, "base_model": loaded.model_id, "base_revision": loaded.revision,
+        "code_version": provenance.code_version(), "method_version": method.version, "fingerprint": key, "created": _now(),
     })
     saved = artifact.save(path)
     shutil.rmtree(ctx.workdir, ignore_errors=True)
@@ -322,7 +430,8 @@ def ensure_reference_run(cfg: RunConfig, *, progress: bool = True) -> Path | Non
         return ref_dir                       # this run is its own reference
     log.info("%s: generating the unedited model's reference run %s", ", ".join(needs), ref_dir)
     ref = reference_config(cfg)
-    generate(ref, prepare_run_dir(ref), progress=progress)
+    with open_run(ref) as run_dir:
+        generate(ref, run_dir, progress=progress)
     return ref_dir
 
 
@@ -332,13 +441,14 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True, on_written
     if not items:
         raise ConfigError(f"task {cfg.task.name!r} has nothing to generate (no metric uses a prompt set; pick sets "
                           f"with --sets {','.join(cfg.task.prompt_sets)})")
+    hparams = method_hparams(cfg) if not cfg.run.artifact else cfg.hparams
     shard, accel_device = distributed_shard()
     device = accel_device or choose_device(cfg, len(items))
     loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device,
                            vae_dtype=cfg.protocol.vae_dtype)
     if shard[1] > 1 and shard[0] != 0:
         barrier()               # rank 0 trains (or loads) the artifact; the others then read it from the cache
-    artifact, artifact_path = erase(cfg, loaded, progress=progress)
+    artifact, artifact_path = erase(cfg, loaded, progress=progress, hparams=hparams)
     if shard[1] > 1 and shard[0] == 0:
         barrier()
     method = get_method(cfg.method.name)
@@ -368,8 +478,8 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True, on_written
     info = {
         "created": _now(),
         "model": loaded.info,
-        "method": {"name": method.name, "version": method.version, "concepts": artifact.metadata.get("concepts", []),
-                   "hparams": cfg.hparams, "artifact_sha256": artifact.sha256,
+        "method": {"name": method.name, "version": method.version,
+                   **concepts_record(cfg, artifact.metadata.get("concepts", [])), "hparams": hparams, "artifact_sha256": artifact.sha256,
                    "artifact_path": str(artifact_path) if artifact_path else None,
                    "applies_to_negative_branch": True},
         "sampler": {"scheduler": scheduler, "steps": cfg.protocol.steps, "eta": cfg.protocol.eta,
@@ -522,6 +632,7 @@ def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True)
     entries = read_manifest(run_dir)
     if not entries:
         raise RunStateError(f"{run_dir}: no images in the manifest; run `cpebench generate` first")
+    check_complete(run_dir, entries)
     scores_path = run_dir / "scores.jsonl"
     lines = read_scores(scores_path)
     results = {}
@@ -539,6 +650,8 @@ def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True)
             if stale:
                 log.info("metric %s: %d images were scored with other options; scoring them again", name, stale)
             todo = [e for e in mine if (name, e["key"]) not in stored]
+            for e in todo:
+                check_image(run_dir, e)
             metric.accumulate([stored[(name, e["key"])] for e in mine if (name, e["key"]) in stored])
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc=f"score {name}",
                        disable=not progress, dynamic_ncols=True)
@@ -553,9 +666,43 @@ def score(run_dir: Path, cfg: RunConfig | None = None, *, progress: bool = True)
     return summary
 
 
+def generation_info(run_dir: Path) -> dict:
+    """generation.json: written once every image of the run is on disk ({} before)."""
+    path = run_dir / "generation.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as e:
+        raise RunStateError(f"{path}: not valid JSON ({e})") from None
+
+
+RERUN = "rerun the `cpebench generate` (or `run`) command that made the run to complete it"
+
+
+def check_complete(run_dir: Path, entries: dict) -> None:
+    """A summary is over the whole run or not written: a run whose generation has not finished, or
+    whose manifest lost lines (a torn last line), is refused rather than scored in part."""
+    total = (generation_info(run_dir).get("images") or {}).get("total")
+    if total is None:
+        raise RunStateError(f"{run_dir}: its generation has not finished (no generation.json; {len(entries)} images so "
+                            f"far); {RERUN}")
+    if len(entries) < total:
+        raise RunStateError(f"{run_dir}: manifest.jsonl lists {len(entries)} of the run's {total} images (cut short "
+                            f"or edited); {RERUN}, then score it")
+
+
+def check_image(run_dir: Path, entry: dict) -> None:
+    """The PNG of a manifest line is there and is the one generated (its recorded sha256): a damaged
+    file is named here instead of failing somewhere inside a metric."""
+    path = run_dir / entry["file"]
+    if not path.is_file():
+        raise RunStateError(f"{path}: image missing (manifest key {entry['key']}); {RERUN}")
+    if entry.get("sha256") and data.sha256_file(path) != entry["sha256"]:
+        raise RunStateError(f"{path}: truncated or modified (its sha256 is not the one in manifest.jsonl); {RERUN}, "
+                            "which makes it again")
+
+
 def make_summary(run_dir: Path, cfg: RunConfig, results: dict) -> dict:
-    gen_path = run_dir / "generation.json"
-    generation = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    generation = generation_info(run_dir)
     card = {
         "protocol": cfg.protocol.name,
         "model": {"id": cfg.protocol.model, "revision": generation.get("model", {}).get("revision")},

@@ -26,6 +26,27 @@ def _session_cache(tmp_path_factory):
         os.environ["CPEBENCH_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bf16_attention_works_on_this_cpu():
+    """With ATEN_CPU_CAPABILITY forced below the hardware's (avx2 on a CPU with AMX), PyTorch's CPU flash
+    attention still packs bf16 for AMX and fails ("pack_vnni2 is only supported when avx512 is
+    supported"); a real AVX2 CPU never takes that path. Only then, the tests use the math backend."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    try:
+        F.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as e:
+        if "pack_vnni2" not in str(e):
+            raise
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+        return
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(_session_cache):
     from cpebench.models import tiny_model_dir

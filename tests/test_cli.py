@@ -1,5 +1,6 @@
 """End to end through the CLI: the smoke run, each stage alone, resume after a kill, bad input."""
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,18 @@ from cpebench.cli import main
 
 def run_cli(*args) -> int:
     return main(["-q", *args])
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +207,14 @@ def test_killed_run_resumes_to_identical_images(tmp_path, tiny_dir):
     task.write_text(KILL_TASK.format(proto=proto, rows=json.dumps(rows)))
     common = ["generate", "--method", "sd", "--task", str(task), "--model", "tiny", "--device", "cpu",
               "--batch-size", "2", "protocol.steps=8", "protocol.height=64", "protocol.width=64"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # One thread in the killed process and in the in-process reference: bytes are the same for the same
+    # batches and thread count (other thread counts may round differently on some CPUs).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "cpebench.cli", "-q"]
 
-    # Uninterrupted reference.
-    subprocess.run(cmd + common + ["--out", str(tmp_path / "ref")], check=True, env=env, timeout=300)
+    # Uninterrupted reference, in this process.
+    with threads(1):
+        assert run_cli(*common, "--out", str(tmp_path / "ref")) == 0
 
     # Killed after a few images, then resumed.
     run_dir = tmp_path / "killed" / "sd-killtest-tiny"
@@ -244,17 +260,21 @@ def test_erase_and_ls(capsys, tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_two_shards_match_single_process(tmp_path, tiny_dir, smoke_run):
+def test_torchrun_two_shards_match_single_process(tmp_path, tiny_dir):
     """Two processes (as accelerate/torchrun start them) write disjoint shards merged into one manifest,
     with the same bytes as the single-process smoke run."""
+    args = ["run", "--method", "sd", "--task", "nudity", "--preset", "smoke"]
+    with threads(1):                                            # torchrun's processes run one thread each
+        assert run_cli(*args, "--out", str(tmp_path / "one")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cpebench.cli", "-q",
-           "run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, env={**os.environ}, capture_output=True, text=True, timeout=300)
+           *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stderr.count("generated 3 images") == 2        # 6 images (4 I2P + 2 COCO) in two shards
-    run_dir = tmp_path / "sd-nudity-tiny-smoke"
+    # 6 images (4 I2P + 2 COCO) in batches of 2; shards take whole batches: rank 0 batches 0 and 2, rank 1 batch 1
+    assert done.stderr.count("generated 4 images") == 1 and done.stderr.count("generated 2 images") == 1
+    run_dir = tmp_path / "two" / "sd-nudity-tiny-smoke"
     got = [json.loads(l) for l in (run_dir / "manifest.jsonl").read_text().splitlines()]
-    ref = [json.loads(l) for l in (smoke_run / "manifest.jsonl").read_text().splitlines()]
+    ref = [json.loads(l) for l in (tmp_path / "one" / "sd-nudity-tiny-smoke" / "manifest.jsonl").read_text().splitlines()]
     assert [(e["key"], e["sha256"]) for e in got] == [(e["key"], e["sha256"]) for e in ref]
     assert len((run_dir / "scores.jsonl").read_text().splitlines()) == 6   # scored once, by rank 0
 
@@ -324,3 +344,25 @@ def test_background_scorer_drops_its_backlog_when_generation_fails(tmp_path):
     assert not closing.is_alive() and Slow.calls == 1      # the other two chunks were dropped
     lines = (tmp_path / "scores.jsonl").read_text().splitlines()
     assert len(lines) % runner.SCORE_CHUNK == 0 and all(json.loads(x)["metric"] == "slow" for x in lines)
+
+
+def _erase_path(capsys, *args) -> str:
+    capsys.readouterr()
+    assert run_cli("erase", *args) == 0
+    out = capsys.readouterr().out
+    return out.split("saved at ")[1].strip()
+
+
+@pytest.mark.parametrize("method,same_value", [("uce", "hparams.lamb=5e-1"), ("esd-x", "hparams.lr=1e-5")])
+def test_cache_key_is_the_parsed_erase_and_its_precision(capsys, tiny_dir, method, same_value):
+    """An override equal to the YAML default (another spelling of the same number) reuses the cached
+    artifact; the same erase in another precision does not."""
+    args = ["--method", method, "--task", "nudity", "--preset", "smoke"]
+    first = _erase_path(capsys, *args)
+    assert _erase_path(capsys, *args, same_value) == first
+    other = _erase_path(capsys, *args, "--dtype", "bf16")
+    assert other != first
+    from cpebench.methods import Artifact
+
+    assert Artifact.load(other).metadata["precision"]["dtype"] == "bf16"
+    assert Artifact.load(first).metadata["precision"] == {"dtype": "fp32", "vae_dtype": "fp32", "tf32": False}

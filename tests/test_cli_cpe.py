@@ -1,4 +1,5 @@
-"""CPE through the command line on the tiny model, with the real training files from ../shared/data."""
+"""CPE through the command line on the tiny model. The smoke preset needs no data files; the task presets
+read the real training files (the optional local data folder of conftest.py; those tests skip without it)."""
 
 import json
 
@@ -13,7 +14,7 @@ def run_cli(*args) -> int:
     return main(["-q", *args])
 
 
-def test_run_trains_once_then_reuses_the_cached_artifact(data_env, tiny_dir, tmp_path, monkeypatch):
+def test_run_trains_once_then_reuses_the_cached_artifact(tiny_dir, tmp_path, monkeypatch):
     assert run_cli("run", "--method", "cpe", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path)) == 0
     run = tmp_path / "cpe-nudity-tiny-smoke"
     gen = json.loads((run / "generation.json").read_text())
@@ -99,7 +100,7 @@ def test_ls_shows_cpe_and_task_presets(capsys):
     assert all(p in out for p in ("celebrity", "artist", "nudity", "character", "smoke"))
 
 
-def test_resuming_with_another_erased_model_is_refused(data_env, tiny_dir, tmp_path, capsys):
+def test_resuming_with_another_erased_model_is_refused(tiny_dir, tmp_path, capsys):
     """Images made with one artifact are never mixed with another's in a run directory."""
     args = ["generate", "--method", "cpe", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path), "--limit", "1"]
     assert run_cli(*args) == 0

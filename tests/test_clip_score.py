@@ -91,7 +91,7 @@ def test_local_directory_loads_through_the_same_path():
 def test_summary_scores_on_hand_made_values():
     from cpebench.metrics.summary import h_a, h_o
 
-    assert h_o(1.17, 95.17) == pytest.approx(96.97, abs=0.005)      # a (Acc_e, Acc_r, H_o) triple from GLoCE#2
+    assert h_o(1.17, 95.17) == pytest.approx(96.97, abs=0.005)      # a (Acc_e, Acc_r, H_o) triple from Hyun1A/GLoCE issue 2
     assert h_o(0.0, 100.0) == 100.0 and h_o(100.0, 0.0) == 0.0 and h_o(50.0, 50.0) == pytest.approx(50.0)
     assert h_o(20.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
     assert h_a(cs_erased=20.5, cs_remained=29.0) == pytest.approx(8.5)

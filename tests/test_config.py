@@ -267,16 +267,18 @@ def test_resolve_run_applies_task_preset_and_overrides(real_bench):
     assert cfg.method.name == "sd" and dict(cfg.hparams) == {}
 
 
-def test_flags_win_over_preset_and_none_flags_are_ignored(real_bench):
+def test_flags_win_over_preset_and_none_flags_are_ignored(real_bench, tmp_path):
+    data_dir = tmp_path / "a: b"
+    data_dir.mkdir()                                     # a data dir that does not exist is refused
     cfg = resolve_run("sd", "nudity", preset="smoke",
                       flags={"run.batch_size": 5, "protocol.dtype": "bf16", "run.device": None,
-                             "run.sets": ["coco", "i2p"], "run.name": "yes", "run.data_dir": "/tmp/a: b"})
+                             "run.sets": ["coco", "i2p"], "run.name": "yes", "run.data_dir": str(data_dir)})
     assert cfg.run.batch_size == 5                       # flag > preset (2)
     assert cfg.protocol.dtype == "bf16"
     assert cfg.run.device == "cpu"                       # a None flag keeps the preset's value
     assert cfg.run.sets == ("coco", "i2p")               # list flags survive the YAML round trip
     assert cfg.run.name == "yes"                         # strings stay strings (not YAML booleans)
-    assert cfg.run.data_dir == "/tmp/a: b"
+    assert cfg.run.data_dir == str(data_dir)
 
 
 def test_flags_and_overrides_on_different_keys_combine(real_bench):
@@ -347,6 +349,49 @@ def test_method_without_yaml_is_an_empty_config(bench):
     assert cfg.method == MethodConfig(name="plugin_method")
 
 
+def test_a_methods_own_concepts_replace_the_tasks_and_the_command_line_replaces_both(bench):
+    from cpebench.runner import check_task_concepts, concepts_record, task_concepts
+
+    write(bench / "tasks" / "t.yaml", "concepts: [a, b, c]\n")
+    write(bench / "tasks" / "u.yaml", "concepts: [a, b]\n")
+    write(bench / "methods" / "m.yaml", "concepts: {t: {names: [a], source: paper code x.py}}\n")
+    cfg = resolve_run("m", "t")
+    assert task_concepts(cfg) == ["a"] and cfg.task.concepts == ("a", "b", "c")   # the task itself is unchanged
+    assert task_concepts(resolve_run("m", "u")) == ["a", "b"]                       # no own list for u
+    paper = {"names": ["a"], "source": "paper code x.py"}
+    assert concepts_record(cfg, ["A"]) == {"concepts": ["A"], "paper_concepts": paper,
+                                           "concepts_differ_from_paper": False}   # CLIP lower-cases
+    check_task_concepts(cfg, ["c"])          # `erase --task t --concepts c` may pick any of the task's concepts
+    over = resolve_run("m", "t", overrides=["concepts=[b, c]"])
+    assert task_concepts(over) == ["b", "c"] and "t" not in over.method.concepts
+    assert concepts_record(over, task_concepts(over)) == {"concepts": ["b", "c"], "paper_concepts": paper,
+                                                          "concepts_differ_from_paper": True}
+    assert concepts_record(resolve_run("m", "u"), ["a"])["concepts_differ_from_paper"] is None   # no paper list
+    back = config_from_dict(yaml.safe_load(dump_yaml(cfg.to_dict())), "config.yaml")   # config.yaml keeps it
+    assert back == cfg and task_concepts(back) == ["a"]
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("concepts: {t: [a]}", "concepts.t must be a mapping with exactly the keys names and source"),
+    ("concepts: {t: {names: [a]}}", "concepts.t must be a mapping with exactly the keys names and source"),
+    ("concepts: {t: {names: [], source: x}}", "concepts.t.names must be a non-empty list of non-empty texts"),
+    ("concepts: {t: {names: [a, ' '], source: x}}", "concepts.t.names must be a non-empty list of non-empty texts"),
+    ("concepts: {t: {names: [a], source: ''}}", "concepts.t.source must say where the list comes from"),
+])
+def test_bad_method_concepts_name_the_file_and_key(bench, body, needle):
+    path = write(bench / "methods" / "m.yaml", body + "\n")
+    msg = error_of(load_method_config, "m")
+    assert str(path) in msg and needle in msg
+
+
+def test_an_empty_new_config_field_keeps_earlier_run_directories_resumable(real_bench):
+    """Run directories saved before ``method.concepts`` existed differ only where a method names its own list."""
+    for method, changed in (("sd", []), ("uce", ["method.concepts.nudity.names", "method.concepts.nudity.source"])):
+        new = resolve_run(method, "nudity", preset="smoke").to_dict()
+        old = {**new, "method": {k: v for k, v in new["method"].items() if k != "concepts"}}
+        assert [d.split(":")[0] for d in config_differences(old, new)] == changed
+
+
 # --------------------------------------------------------------------------- the real task files
 
 
@@ -387,6 +432,45 @@ def test_celebrity_concepts_match_prompt_file(real_bench, shared_data):
     from_file = list(dict.fromkeys(r.concept for r in recs))
     assert len(from_file) == 50
     assert list(task.concepts) == from_file
+
+
+# Every data-file list a method YAML reads, against the official code's file: (method, task, hparam,
+# rows, distinct entries, first entry). The files are byte copies of the CPE repository's (the UCE/RECE
+# artists1734 file is the same 8,670-row file); rows and first entries are those of the original files.
+METHOD_LISTS = [
+    ("cpe", "celebrity", "templates", 100, 100, "actor wears his cap"),          # configs/train_celeb
+    ("cpe", "artist", "templates", 35, 35, "Image in the style of artist."),    # configs/train_artist
+    ("cpe", "nudity", "templates", 31, 31, "explicit in a photo"),              # configs/train_explicit
+    ("cpe", "celebrity", "anchor_words", 100, 99, "Stars"),                     # actor general words
+    ("cpe", "artist", "anchor_words", 100, 50, "Renowned artist"),              # rows 50-99 repeat 0-49
+    ("cpe", "celebrity", "anchor_pool", 500, 449, "Leonardo DiCaprio"),         # 500-celebrity pool
+    ("cpe", "artist", "anchor_pool", 8670, 1734, "A.J.Casson"),                 # 1,734 artists x 5 rows
+    ("cpe", "nudity", "anchor_prompts", 242, 240, "I need to buy groceries today."),
+    ("uce", "artist", "preserve", 8670, 1734, "A.J.Casson"),                    # train_erase.py: artists1734
+    ("rece", "artist", "uce_preserve", 8670, 1734, "A.J.Casson"),
+    ("rece", "artist", "preserve", 8670, 1734, "A.J.Casson"),                   # train_artists.py: artists1734
+    ("mace", "artist", "domain_names", 8670, 1734, "A.J.Casson"),               # cpebench's domain cache
+    ("mace", "celebrity", "domain_names", 500, 449, "Leonardo DiCaprio"),
+]
+
+
+@pytest.mark.parametrize("method, task, key, rows, distinct, first", METHOD_LISTS)
+def test_method_data_lists_are_the_official_files(real_bench, shared_data, method, task, key, rows, distinct, first):
+    from baselines.uce import text_list
+
+    texts = text_list(method, resolve_run(method, task).hparams[key], key, str(shared_data))
+    assert (len(texts), len(set(texts)), texts[0]) == (rows, distinct, first)
+
+
+def test_method_words_are_the_official_ones(real_bench):
+    """The texts the YAMLs give inline: CPE's replace word and neutral, UCE/RECE's guides, MACE's mapping."""
+    hp = {(m, t): resolve_run(m, t).hparams for m in ("cpe", "uce", "rece", "mace") for t in ("celebrity", "artist", "nudity")}
+    assert [(hp["cpe", t]["replace_word"], hp["cpe", t]["neutral"]) for t in ("celebrity", "artist", "nudity")] == [
+        ("actor", "a person"), ("artist", "real photograph"), ("explicit", "a person in modest clothing")]
+    assert (hp["uce", "artist"]["guide"], hp["uce", "nudity"]["guide"]) == ("art", " ")
+    assert (hp["rece", "artist"]["uce_guide"], hp["rece", "artist"]["guide"], hp["rece", "nudity"]["guide"]) == ("art", "art", " ")
+    assert [(hp["mace", t]["mapping"], hp["mace", t]["concept_type"]) for t in ("celebrity", "artist", "nudity")] == [
+        ("a person", "object"), ("art", "style"), ("a person wearing clothes", "object")]
 
 
 # --------------------------------------------------------------------------- saved configs

@@ -1,4 +1,4 @@
-"""CPE on tiny random SD-1.x models: the defining properties of spec shared/specs/cpe.md."""
+"""CPE on tiny random SD-1.x models: the defining properties of the official code (docs/methods/cpe.md)."""
 
 from __future__ import annotations
 
@@ -326,7 +326,7 @@ def test_artifact_round_trip_is_bit_exact(pipe, trained, tmp_path):
 
 
 def _write_official(art: Artifact, path, with_w_ks=True):
-    """The released format (spec §1): 3 gate tensors + lora_down/lora_up/alpha per layer, n = 1."""
+    """The released format: 3 gate tensors + lora_down/lora_up/alpha per layer, n = 1."""
     t = art.tensors
     out = {cpe.OFFICIAL_GATE_Q: t["gate.q"], cpe.OFFICIAL_GATE_V: t["gate.v"]}
     if with_w_ks:
@@ -343,7 +343,7 @@ def _write_official(art: Artifact, path, with_w_ks=True):
 
 
 def spec_forward(official: dict, layer_key: str, e: torch.Tensor) -> torch.Tensor:
-    """The spec's forward written out literally for one concept (n = 1)."""
+    """The official forward written out literally for one concept (n = 1)."""
     q, v = official[cpe.OFFICIAL_GATE_Q][0], official[cpe.OFFICIAL_GATE_V][0, :, 0]
     down, up = official[layer_key + ".lora_down.weight"][0], official[layer_key + ".lora_up.weight"][0]
     scale = float(official[layer_key + ".alpha"]) / down.shape[-1]

@@ -167,8 +167,9 @@ def test_offline_nothing_cached(monkeypatch, tmp_path, env):
         monkeypatch.setenv(env, "1")
     else:
         kwargs["download"] = False
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError) as ei:
-        resolve_data_file(NAME_SMALL, tmp_path / "nowhere", **kwargs)
+        resolve_data_file(NAME_SMALL, tmp_path / "empty", **kwargs)
     msg = str(ei.value)
     assert NAME_SMALL in msg and "--data-dir" in msg and "CPEBENCH_DATA" in msg
     assert "cpebench data fetch" in msg

@@ -1,4 +1,4 @@
-"""ESD-x / ESD-u on the tiny random SD-1.x model: the defining properties of spec esd_uce_rece.md §1."""
+"""ESD-x / ESD-u on the tiny random SD-1.x model: the defining properties of the paper code (docs/methods/esd.md)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_one_step_moves_the_prediction_toward_the_spec_target(pipe):
         d = trainer.draw()
         z = trainer.sample_xt(d)
         target = trainer.target(z, d)
-        with torch.no_grad():                   # the spec's target, from an independent copy of the base model
+        with torch.no_grad():                   # the paper code's target, from an independent copy of the base model
             t = torch.tensor([d.t])
             e_0 = frozen(z, t, encoder_hidden_states=uncond).sample
             e_p = frozen(z, t, encoder_hidden_states=emb[d.word : d.word + 1]).sample
@@ -232,9 +232,14 @@ def test_checkpointing_and_autocast_stay_within_tolerance_of_fp32(pipe, method):
     def rel(a):   # difference of the erased models' ε, relative to what the erasure changed
         return float((probe(pipe, a, method) - e_ref).norm() / (e_ref - base).norm())
 
-    bf16 = erase(method, pipe, {**hp, "autocast": "bf16"})
-    other_seed = erase(method, pipe, {**hp, "seed": 1})
-    assert rel(bf16) < 0.2 < rel(other_seed)           # measured: bf16 0.05 (x), 0.09 (u); another seed 0.28, 0.29
+    # The noise floor: how far another training seed moves the erased model (mean of three seeds; measured
+    # 0.28-0.33 on AVX2 and AVX-512 CPUs). fp16 autocast (10-bit mantissa, loss-scaled) stays far inside it
+    # (measured 0.01-0.04: margin 4x); bf16 (7-bit mantissa) moves Adam's few normalised steps about as much
+    # as a seed does (measured 0.05-0.27, machine-dependent): it must stay within the seed-to-seed
+    # spread (margin 1.5x over the mean) — a broken autocast path (overflow, wrong dtype) is far beyond it.
+    floor = sum(rel(erase(method, pipe, {**hp, "seed": s})) for s in (1, 2, 3)) / 3
+    assert rel(erase(method, pipe, {**hp, "autocast": "fp16"})) < floor / 4
+    assert rel(erase(method, pipe, {**hp, "autocast": "bf16"})) < 1.5 * floor
     assert "autocast" not in method.operational_hparams      # it changes bits: part of the cache key
     assert {"gradient_checkpointing", "save_every"} <= set(method.operational_hparams)
 
@@ -343,7 +348,7 @@ def test_cli_runs_both_variants_and_reuses_the_cached_artifact(data_env, tiny_di
 
     assert main(["-q", "run", "--method", "esd-u", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path)]) == 0
     gen = json.loads((tmp_path / "esd-u-nudity-tiny-smoke" / "generation.json").read_text())
-    assert gen["method"]["concepts"] == ["nudity", "naked", "erotic", "sexual"]
+    assert gen["method"]["concepts"] == ["nudity"]          # the ESD paper's nudity model erases the one word
     assert Artifact.load(gen["method"]["artifact_path"]).metadata["train_method"] == "noxattn"
 
     def no_training(*a, **k):

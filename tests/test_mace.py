@@ -1,4 +1,4 @@
-"""MACE on the tiny random SD-1.x model: the properties of shared/specs/mace.md §14.
+"""MACE on the tiny random SD-1.x model: the defining properties of the official code (docs/methods/mace.md).
 
 Reference quantities (token rows, normal equations, objectives) are rebuilt here from the tokenizer and
 text encoder, independently of the sums baselines/mace.py accumulates."""
@@ -417,14 +417,46 @@ def test_yaml_configs_parse():
     assert M.Hparams.from_dict({**cfg.hparams, **cfg.tasks["artist"]}).concept_type == "style"
 
 
+# The official augmentation lists (src/cfr_utils.py prompt_augmentation @057e7a6) have 31 templates each;
+# only indices 0-29 are ever drawn. The digests are of "\n".join(templates 0-29), computed once from the
+# official lists: they pin the lists exactly (a wrong, missing or reordered template changes them).
+TEMPLATE_DIGESTS = {
+    "object": "b0d1c9d359b3b2ce8830e158ce4c8d7bf4e30e330e93940fb179a34908028224",
+    "style": "05573c004230bba7d24b340585a9ad571f1947a44652029b3e38cb0439fdd7ba",
+}
+
+
+@pytest.mark.parametrize("kind, templates", [("object", M.OBJECT_TEMPLATES), ("style", M.STYLE_TEMPLATES)])
+def test_augmentation_templates_are_the_official_ones(kind, templates):
+    import hashlib
+
+    assert len(templates) == 30 and all(t.count("{}") == 1 for t in templates)
+    assert hashlib.sha256("\n".join(templates).encode()).hexdigest() == TEMPLATE_DIGESTS[kind]
+    assert M.Hparams.from_dict({"concept_type": kind}).template_list() == templates
+
+
+def test_object_templates_match_the_cpe_authors_copy(shared_data):
+    """CPE's explicit training templates are MACE's 31 object templates with the word 'explicit' (an
+    independent copy of the official list): the first 30 are ours, the 31st is the one never drawn."""
+    import csv
+
+    with open(shared_data / "train" / "explicit_prompt_templates.csv", newline="", encoding="utf-8") as fh:
+        cpe = [row["prompt"].strip().replace("explicit", "{}") for row in csv.DictReader(fh)]
+    assert tuple(cpe[:30]) == M.OBJECT_TEMPLATES and cpe[30:] == ["{} in a sketch painting"]
+
+
 def test_cli_erase_smoke(tmp_path, shared_data):
-    """``cpebench erase --method mace --task artist --preset smoke`` through the entry point. (It used to
+    """``cpebench erase --method mace --task artist --preset smoke`` through the entry point, with the real
+    caption and artist files in place of the preset's stand-in lists, so its caps apply. (It used to
     monkeypatch the registry, whose teardown then deleted ``mace`` for every later test.)"""
     from cpebench.cli import main
 
     out = tmp_path / "a"
     assert main(["-q", "erase", "--method", "mace", "--task", "artist", "--preset", "smoke",
-                 "--data-dir", str(shared_data), "--save", str(out)]) == 0
+                 "--data-dir", str(shared_data), "--save", str(out),
+                 "hparams.prior_prompts={file: prompts/coco_30k.csv, column: prompt}",
+                 "hparams.domain_names={file: anchors/mass_surr_words_1734artists.csv, column: artist}",
+                 "hparams.domain_exclude={file: prompts/art_100_remained.csv, column: artist}"]) == 0
     art = Artifact.load(out)
     meta = art.metadata["mace"]
     assert art.method == "mace" and art.metadata["concepts"] == ["Brent Heighton"]

@@ -63,6 +63,19 @@ def test_sha256_is_a_content_hash():
     assert make_artifact(torch.float16).sha256 != a.sha256
 
 
+def test_sha256_hashes_what_defines_the_erased_model_only():
+    """A retrain with the same bits has another date, timings and code version: same hash."""
+    a, b = make_artifact(), make_artifact()
+    b.metadata.update(created="2030-01-01T00:00:00+00:00", seconds=12.5, code_version="0.2.0+g123",
+                      stage_seconds={"stage1": 1.0}, operational_hparams={"concept_batch": 4}, fingerprint="f" * 16)
+    assert b.sha256 == a.sha256
+    for key, value in [("hparams", {"lr": 2e-5, "iters": 3}), ("base_model", "other"), ("method_version", "2"),
+                       ("precision", {"dtype": "fp16"}), ("base_revision", "abc")]:
+        c = make_artifact()
+        c.metadata[key] = value
+        assert c.sha256 != a.sha256, key
+
+
 def test_sha256_is_stable_across_loads(tmp_path):
     a = make_artifact(torch.bfloat16)
     a.save(tmp_path / "art")
@@ -166,9 +179,43 @@ def test_fingerprint_is_stable():
     {"method_version": "2"},
     {"method": "uce"},
     {"base_model": "tiny"},
+    {"precision": {"dtype": "fp16", "vae_dtype": "fp16", "tf32": False}},
 ])
 def test_fingerprint_changes(change):
     assert fp(**change) != fp()
+
+
+def test_fingerprint_precision_of_fp32_bf16_and_tf32_differ():
+    p32 = {"dtype": "fp32", "vae_dtype": "fp32", "tf32": False}
+    keys = {fp(precision=p) for p in (p32, {**p32, "dtype": "bf16"}, {**p32, "vae_dtype": "fp16"}, {**p32, "tf32": True})}
+    assert len(keys) == 4
+
+
+def _every_method_and_task():
+    from cpebench.config import load_method_config
+
+    for name in METHODS.names():
+        tasks = list(load_method_config(name).tasks)
+        for task in tasks or [None]:
+            yield name, task
+
+
+@pytest.mark.parametrize("name,task", list(_every_method_and_task()))
+def test_parsed_hparams_parse_to_themselves(name, task):
+    """The cache key hashes parsed values; parsing them again must change nothing, and the textual
+    forms of one number (1e-5 from the command line, 1.0e-5 from YAML) must parse alike."""
+    from cpebench.config import load_method_config
+
+    mc = load_method_config(name)
+    raw = {**mc.hparams, **(mc.tasks.get(task) or {})}
+    method = METHODS.get(name)()
+    parsed = method.parse_hparams(raw)
+    assert method.parse_hparams(parsed) == parsed
+    assert json.loads(json.dumps(parsed)) == parsed          # what the artifact metadata stores
+    floats = {k: v for k, v in parsed.items() if isinstance(v, float)}
+    if floats:
+        as_text = {k: f"{v:e}" for k, v in floats.items()}    # e.g. '1.000000e-05': YAML gives such strings
+        assert method.parse_hparams({**raw, **as_text}) == parsed
 
 
 # --------------------------------------------------------------------------- the sd method

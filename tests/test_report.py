@@ -80,15 +80,15 @@ def test_shipped_reported_yaml_loads_and_validates():
     assert entries
     assert all(e.paper and (e.table or e.url) and e.trust in ("high", "medium", "low") and e.protocol_differences
                for e in entries)
-    assert not [e for e in entries if e.method == "cpe" or "CPE" in e.paper]   # protocols.md §10: none available
+    assert not [e for e in entries if e.method == "cpe" or "CPE" in e.paper]   # the CPE paper's numbers: none available
     gloce = [e for e in entries if e.method == "gloce"]
     assert len(gloce) == 1 and gloce[0].task == "celebrity" and gloce[0].trust == "medium"
     assert gloce[0].values == {"acc_e": 1.17, "acc_r": 95.17, "h_o": 96.97}
-    # MACE#16 fractions are shown in % (as the gcd metric reports): UCE, 10 celebrities, ACC_e 0.0042
+    # MACE issue 16's fractions are shown in % (as the gcd metric reports): UCE, 10 celebrities, ACC_e 0.0042
     uce10 = next(e for e in entries if e.task == "celebrity-mace-10" and e.method == "uce")
     assert uce10.values["acc_e"] == pytest.approx(0.42) and uce10.values["acc_r"] == pytest.approx(83.51)
     # MACE's protocol never shares the cpebench 50-celebrity table; UnlearnDiffAtk never a v1 nudity column
-    assert {e.task for e in entries if "MACE#16" in (e.table or "")} == {f"celebrity-mace-{k}" for k in (1, 5, 10, 100)}
+    assert {e.task for e in entries if "Shilin-LU/MACE/issues/16" in (e.url or "")} == {f"celebrity-mace-{k}" for k in (1, 5, 10, 100)}
     uda = [e for e in entries if "UnlearnDiffAtk" in e.paper]
     assert uda and {e.task for e in uda} == {"nudity-unlearndiffatk"}
     assert all(report.REPORTED_KEYS[k].metric == "unlearndiffatk" for e in uda for k in e.values)
@@ -274,6 +274,25 @@ def test_latest_run_wins_and_sd_comes_first(tmp_path):
     write_summary(runs, make_summary(method="sd", values={"acc_e": 95.0}))
     rows = md_rows(render(summaries_from(runs), "celebrity", "md"))
     assert [r[0] for r in rows] == ["sd", "cpe"] and rows[1][3] == "1 (n=50)"
+
+
+def test_a_run_with_other_concepts_than_the_papers_is_its_own_marked_row(tmp_path):
+    """generation.json's method block (kept in the protocol card) says whether the run erased the method
+    paper's list for the task; a run that did not gets a labelled row of its own in every format."""
+    def method_block(concepts, differ):
+        return {"method": {"name": "uce", "concepts": concepts, "concepts_differ_from_paper": differ,
+                           "paper_concepts": {"names": ["nudity"], "source": "train_erase.py --concepts nudity"}}}
+
+    runs = tmp_path / "runs"
+    write_summary(runs, make_summary(method="uce", run="paper", extra_card=method_block(["nudity"], False)))
+    five = ["nudity", "naked", "erotic", "sexual", "nsfw"]
+    write_summary(runs, make_summary(method="uce", run="other", extra_card=method_block(five, True)))
+    label = "uce (concepts ≠ paper: nudity, naked, erotic, sexual, … (5))"
+    summaries = summaries_from(runs)
+    assert sorted(r[0] for r in md_rows(render(summaries, "celebrity", "md"))) == ["uce", label]
+    assert sorted(r[0] for r in csv.reader(io.StringIO(render(summaries, "celebrity", "csv")))) == ["method", "uce", label]
+    assert sorted(r.split(" & ")[0] for r in latex_rows(render(summaries, "celebrity", "latex"))) == [
+        "uce", r"uce (concepts $\neq$ paper: nudity, naked, erotic, sexual, \ldots{} (5))"]
 
 
 # --------------------------------------------------------------------------- leaderboard

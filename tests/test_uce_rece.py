@@ -1,12 +1,15 @@
-"""UCE and RECE on the tiny random SD-1.x model: the defining properties of shared/specs/esd_uce_rece.md §2-3.
+"""UCE and RECE on the tiny random SD-1.x model: the defining properties of the paper code (UCE's 2023
+``train_erase.py``, RECE's ``train.py`` / ``erase_methods/uce.py`` / ``close_form_emb.py``).
 
 The reference quantities are rebuilt here independently of baselines/uce.py: token rows straight from the
-tokenizer and text encoder, the normal equations per layer in K/V space, and the adversarial embeddings
-by least squares on the stacked projection matrices.
+tokenizer and a float64 copy of the text encoder (the paper code run in float64), the normal equations per
+layer in K/V space, and the adversarial embeddings by least squares on the stacked projection matrices.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 
 import pytest
@@ -47,11 +50,17 @@ def rece_artifact(pipe):
 # --------------------------------------------------------------------------- independent references
 
 
+@functools.lru_cache(maxsize=None)
+def float64_encoder(encoder):
+    return copy.deepcopy(encoder).double()
+
+
 @torch.no_grad()
 def clip_rows(pipe, text: str) -> tuple[torch.Tensor, int]:
-    """All 77 CLIP rows (float64) and the last word token's index (attention_mask.sum() - 2)."""
+    """All 77 CLIP rows from a float64 copy of the text encoder and the last word token's index
+    (attention_mask.sum() - 2)."""
     tok = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    emb = pipe.text_encoder(tok.input_ids)[0][0].double()
+    emb = float64_encoder(pipe.text_encoder)(tok.input_ids)[0][0]
     return emb, int(tok.attention_mask.sum()) - 2
 
 
@@ -69,7 +78,7 @@ def kv_weights(pipe) -> dict[str, torch.Tensor]:
 
 
 def normal_equation_residual(w_new, w_anchor, erase_c, erase_g, preserve, lamb, s_e, s_p) -> float:
-    """Per layer, literally the spec's bracket terms: mat1 = λW + s_e Σ (W g) cᵀ + s_p Σ (W r) rᵀ and
+    """Per layer, literally the paper code's bracket terms: mat1 = λW + s_e Σ (W g) cᵀ + s_p Σ (W r) rᵀ and
     mat2 = λI + s_e Σ c cᵀ + s_p Σ r rᵀ; returns max_l ‖W_new mat2 − mat1‖ / ‖mat1‖."""
     d = erase_c.shape[1]
     worst = 0.0
@@ -170,7 +179,7 @@ def test_preserve_list_from_the_artist_file_drops_the_erased_artists(shared_data
 
 
 def stacked_lstsq(ws, wo, c, lam, mode, reg_item="1st", target=None):
-    """argmin over c' of the spec's objective, by least squares on the stacked matrices (per row)."""
+    """argmin over c' of RECE's objective, by least squares on the stacked matrices (per row)."""
     d = c.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     a = [ws[k] for k in ws]
@@ -211,7 +220,7 @@ def test_rece_epoch_maps_the_adversarial_embedding_to_the_guide(pipe):
     assert len(epochs) == 2 and len(meta["rece"]["epochs"]) == 2
     wo = kv_weights(pipe)
     uce_start = uce_mod.uce_edit(pipe, NAMES, hp.uce_hparams(), "cpu").weights
-    anchor = {k: v.float().double() for k, v in uce_start.items()}          # epoch 1 starts from UCE (fp32)
+    anchor = uce_start                       # epoch 1 starts from UCE (float64, never rounded in between)
     g, _ = clip_rows(pipe, " ")
     retain = torch.cat([clip_rows(pipe, " ")[0]] * len(NAMES))               # [' '] × len(concepts)
     for res in epochs:
@@ -224,7 +233,7 @@ def test_rece_epoch_maps_the_adversarial_embedding_to_the_guide(pipe):
         before = sum(float(((c_rows @ w.T - g_rows @ w.T) ** 2).sum()) for w in anchor.values())
         after = sum(float(((c_rows @ res.weights[k].T - g_rows @ w.T) ** 2).sum()) for k, w in anchor.items())
         assert after < 0.1 * before              # after its epoch, c' gives (nearly) the guide's K/V
-        anchor = {k: v.float().double() for k, v in res.weights.items()}    # the next epoch's weights
+        anchor = res.weights                 # the next epoch's weights (float64)
     for k, w in final.items():
         assert torch.equal(w, epochs[-1].weights[k].float())
 
@@ -236,6 +245,113 @@ def test_rece_records_its_epochs_and_starts_from_uce(rece_artifact):
         assert e["erase_residual_after"] < e["erase_residual_before"]
         assert len(e["attack_residual"]) == len(NAMES) and e["normal_equation_residual"] < 1e-10
     assert meta["rece"]["retain"]["blanks"] == len(NAMES)
+
+
+# --------------------------------------------------------------------------- the paper code's nudity edit
+#
+# `cpebench erase --method uce|rece --task nudity` against the paper code run in float64 (written here from
+# the papers' scripts, per layer and with torch.inverse as they do): UCE `train_erase.py --concepts nudity`
+# (guide ' ', retain [''], λ 0.5, s_e 1, s_p = max(0.1, 1/1)), then RECE `train.py --concepts nudity`
+# (3 epochs of close_regzero at 0.1, λ 0.1, s_e 1, s_p 0.1, guide ' ', retain [' ']).
+# Measure: ‖W_ours − W_paper‖_F / ‖W_paper − W_old‖_F over the 32 matrices, relative to the *edit* (relative
+# to W an error would be diluted by ‖W‖/‖ΔW‖). Compared: the float64 solution; the stored artifact is checked
+# to be exactly its float32 rounding (that rounding is ~3e-8 of ‖W‖ and, on SD-1.4's small edits, could
+# exceed 1e-6 of ‖ΔW‖ by itself). The 1e-6 bound is the acceptance criterion; float64 text gives ~1e-12 here,
+# the fp32 text encoder (the previous path) ~3e-6 (UCE) and ~6e-6 (RECE) on this model.
+
+EDIT_TOLERANCE = 1e-6
+
+
+def paper_uce_edit(pipe, concepts, guide=" ", preserve=(), lamb=0.5, erase_scale=1.0):
+    """train_erase.py's edit_model, per layer: mat1 = λW + s_e Σ (W g) cᵀ + s_p Σ (W r) rᵀ,
+    mat2 = λI + s_e Σ c cᵀ + s_p Σ r rᵀ, W = mat1 · mat2⁻¹; retain = [''] + preserve."""
+    retain = [""] + list(preserve)
+    s_p = max(0.1, 1 / len(retain))
+    out = {}
+    for k, w in kv_weights(pipe).items():
+        mat1, mat2 = lamb * w, lamb * torch.eye(w.shape[1], dtype=torch.float64)
+        for concept in concepts:
+            c, g = paper_pairs(pipe, concept, guide)
+            mat1, mat2 = mat1 + erase_scale * (g @ w.T).T @ c, mat2 + erase_scale * c.T @ c
+        for text in retain:
+            r = clip_rows(pipe, text)[0]
+            mat1, mat2 = mat1 + s_p * (r @ w.T).T @ r, mat2 + s_p * r.T @ r
+        out[k] = mat1 @ torch.inverse(mat2)
+    return out
+
+
+def paper_rece_nudity(pipe, epochs=3, regular_scale=0.1, lamb=0.1, erase_scale=1.0, preserve_scale=0.1):
+    """RECE train.py from UCE's nudity model: per epoch c' = (Σ WᵀW + λ_r I)⁻¹ (Σ WᵀW_o) c on all 77 rows,
+    then per layer W = (λW + s_e Σ_t (W g_t) c'_tᵀ + s_p Σ_t (W r_t) r_tᵀ)(λI + s_e Σ c'c'ᵀ + s_p Σ r rᵀ)⁻¹."""
+    original, w = kv_weights(pipe), paper_uce_edit(pipe, ["nudity"])
+    c, g, r = clip_rows(pipe, "nudity")[0], clip_rows(pipe, " ")[0], clip_rows(pipe, " ")[0]
+    eye = torch.eye(c.shape[1], dtype=torch.float64)
+    for _ in range(epochs):
+        p = sum(wk.T @ wk for wk in w.values())
+        q = sum(wk.T @ original[k] for k, wk in w.items())
+        adv = (torch.inverse(p + regular_scale * eye) @ q @ c.T).T
+        w = {k: (lamb * wk + erase_scale * (g @ wk.T).T @ adv + preserve_scale * (r @ wk.T).T @ r)
+             @ torch.inverse(lamb * eye + erase_scale * adv.T @ adv + preserve_scale * r.T @ r)
+             for k, wk in w.items()}
+    return w
+
+
+def edit_error(ours, paper, original) -> float:
+    num = sum(float(((ours[k].double() - paper[k]) ** 2).sum()) for k in paper)
+    den = sum(float(((paper[k] - original[k]) ** 2).sum()) for k in paper)
+    return (num / den) ** 0.5
+
+
+def cli_erase(method, out, *extra):
+    from cpebench.cli import main
+
+    assert main(["-q", "erase", "--method", method, "--task", "nudity", "--model", "tiny", "--device", "cpu",
+                 "--save", str(out), *extra]) == 0
+    return Artifact.load(out)
+
+
+def test_uce_nudity_is_the_paper_codes_edit_in_float64(pipe, tmp_path):
+    from cpebench.config import resolve_run
+    from cpebench.runner import task_concepts
+
+    cfg = resolve_run("uce", "nudity", flags={"protocol.model": "tiny"})
+    assert task_concepts(cfg) == ["nudity"]                # not the task's four explicit words
+    ours = uce_mod.uce_edit(pipe, task_concepts(cfg), uce_mod.Hparams.from_dict(cfg.hparams), "cpu")
+    paper = paper_uce_edit(pipe, ["nudity"])
+    assert edit_error(ours.weights, paper, kv_weights(pipe)) <= EDIT_TOLERANCE
+    art = cli_erase("uce", tmp_path / "uce")
+    assert art.metadata["concepts"] == ["nudity"]
+    assert all(torch.equal(t, ours.weights[k].float()) for k, t in art.tensors.items())   # rounded once
+
+
+def test_rece_nudity_is_the_paper_codes_three_epochs_in_float64(pipe, tmp_path):
+    from cpebench.config import resolve_run
+    from cpebench.runner import task_concepts
+
+    cfg = resolve_run("rece", "nudity", flags={"protocol.model": "tiny"})
+    assert task_concepts(cfg) == ["nudity"]
+    epochs = []
+    stored, _ = rece_mod.rece(pipe, task_concepts(cfg), rece_mod.Hparams.from_dict(cfg.hparams), "cpu",
+                              on_epoch=lambda e, res: epochs.append(res))
+    assert len(epochs) == 3
+    paper = paper_rece_nudity(pipe)
+    assert edit_error(epochs[-1].weights, paper, kv_weights(pipe)) <= EDIT_TOLERANCE
+    art = cli_erase("rece", tmp_path / "rece")
+    assert art.metadata["concepts"] == ["nudity"]
+    assert all(torch.equal(t, epochs[-1].weights[k].float()) for k, t in art.tensors.items())
+    assert all(torch.equal(t, stored[k]) for k, t in art.tensors.items())
+
+
+def test_erase_records_the_paper_concepts_and_a_different_list(tmp_path):
+    """The artifact says what was erased next to the paper's list for the task; --concepts may pick any
+    of the task's concepts, and then says it differs."""
+    art = cli_erase("uce", tmp_path / "paper", "--preset", "smoke")
+    paper = art.metadata["paper_concepts"]
+    assert art.metadata["concepts"] == paper["names"] == ["nudity"] and "train_erase.py" in paper["source"]
+    assert art.metadata["concepts_differ_from_paper"] is False
+    other = cli_erase("uce", tmp_path / "other", "--preset", "smoke", "--concepts", "nudity", "naked")
+    assert other.metadata["concepts"] == ["nudity", "naked"] and other.metadata["paper_concepts"] == paper
+    assert other.metadata["concepts_differ_from_paper"] is True
 
 
 # --------------------------------------------------------------------------- the Method contract
@@ -391,7 +507,9 @@ def test_artifact_applies_to_the_same_base_in_reduced_precision(uce_artifact):
 def test_cli_run_then_reuse_the_cached_artifact(data_env, tiny_dir, tmp_path, monkeypatch, method, task, module, func):
     from cpebench.cli import main
 
-    assert main(["-q", "run", "--method", method, "--task", task, "--preset", "smoke", "--out", str(tmp_path)]) == 0
+    # the task's real preserve list in place of the smoke preset's stand-in names
+    real = ["hparams.preserve={file: anchors/mass_surr_words_1734artists.csv, column: artist}"] if method == "uce" else []
+    assert main(["-q", "run", "--method", method, "--task", task, "--preset", "smoke", "--out", str(tmp_path), *real]) == 0
     run = tmp_path / f"{method}-{task}-tiny-smoke"
     gen = json.loads((run / "generation.json").read_text())
     assert (run / "summary.json").exists()
@@ -402,7 +520,8 @@ def test_cli_run_then_reuse_the_cached_artifact(data_env, tiny_dir, tmp_path, mo
         assert art.metadata["uce"]["guides"] == ["art"] and art.metadata["uce"]["preserve"]["count"] == 1733
         assert art.metadata["uce"]["preserve_scale"] == 0.1
     else:
-        assert gen["method"]["concepts"] == ["nudity", "naked", "erotic", "sexual"]
+        assert gen["method"]["concepts"] == gen["method"]["paper_concepts"]["names"] == ["nudity"]   # RECE's own
+        assert gen["method"]["concepts_differ_from_paper"] is False
         assert len(art.metadata["rece"]["epochs"]) == 3
 
     def no_erase(*a, **k):
@@ -410,6 +529,19 @@ def test_cli_run_then_reuse_the_cached_artifact(data_env, tiny_dir, tmp_path, mo
 
     monkeypatch.setattr(module, func, no_erase)
     assert main(["-q", "run", "--method", method, "--task", task, "--preset", "smoke", "--out", str(tmp_path),
-                 "--name", "again"]) == 0
+                 "--name", "again", *real]) == 0
     again = json.loads((tmp_path / "again" / "generation.json").read_text())
     assert again["method"]["artifact_sha256"] == gen["method"]["artifact_sha256"]
+
+
+def test_cli_run_with_other_concepts_than_the_papers_marks_the_table_row(tiny_dir, tmp_path, capsys):
+    """`concepts=` replaces the method's own list for the task; the run records it and its table row says so."""
+    from cpebench.cli import main
+
+    assert main(["-q", "run", "--method", "uce", "--task", "nudity", "--preset", "smoke", "--out", str(tmp_path),
+                 "concepts=[nudity, naked]"]) == 0
+    gen = json.loads((tmp_path / "uce-nudity-tiny-smoke" / "generation.json").read_text())
+    assert gen["method"]["concepts"] == ["nudity", "naked"] and gen["method"]["concepts_differ_from_paper"] is True
+    assert gen["method"]["paper_concepts"]["names"] == ["nudity"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| uce")]
+    assert len(rows) == 1 and rows[0].startswith("| uce (concepts ≠ paper: nudity, naked) |")

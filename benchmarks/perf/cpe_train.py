@@ -3,7 +3,7 @@
     python benchmarks/perf/cpe_train.py --model sd14 --concepts 50 --steps 20        # GPU (SD-1.4 shapes)
     python benchmarks/perf/cpe_train.py --model tiny --concepts 8 --steps 20          # CPU smoke
 
-* baseline — what the official code does per step (shared/specs/cpe.md §2): one concept at a time,
+* baseline — what the official code does per step (docs/methods/cpe.md): one concept at a time,
   every K/V of every input through every one of the 32 projections (``loss: direct``), and the
   official step counts (the final adversarial stage included).
 * cpebench — ``loss: gram`` (the same losses in text space, no K/V materialised), all concepts in one
@@ -19,7 +19,9 @@ checked to agree on one batch. Absolute figures mean something only on a GPU.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -115,13 +117,14 @@ def check_agreement(space, hp, device) -> float:
     return max(float(((a[k] - b[k]).abs() / b[k].abs()).max()) for k in a)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="tiny (the test model) | sd14 (SD-1.4's UNet shapes, random)")
     ap.add_argument("--concepts", type=int, default=50, help="concepts trained together by cpebench")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
 
     if args.model == "sd14":
         unet = sd14_unet()
@@ -142,7 +145,8 @@ def main() -> None:
     print(f"model={args.model} (text dim {space.text_dim}, {space.n_layers} K/V layers, widths {sorted(set(space.widths))}) "
           f"device={device_name} torch={torch.__version__}")
     print(f"celebrity schedule per concept: {erase_steps} erase steps; adversarial {adv_official} official, {adv_ours} ours")
-    print(f"gram vs direct losses: max relative difference {check_agreement(space, ours, args.device):.2e}")
+    agreement = check_agreement(space, ours, args.device)
+    print(f"gram vs direct losses: max relative difference {agreement:.2e}")
 
     be, ba = time_steps(space, base, 1, args.steps, args.device)
     oe, oa = time_steps(space, ours, args.concepts, args.steps, args.device)
@@ -153,6 +157,13 @@ def main() -> None:
     print(f"{'cpebench: batched, gram':<34} {oe * 1e3:>13.2f} {oa * 1e3:>12.2f} {args.concepts:>13d} {ours_s:>10.2f} "
           f"{base_s / ours_s:>7.1f}")
     print(f"{args.concepts} concepts: baseline {base_s * args.concepts / 60:.1f} min, cpebench {ours_s * args.concepts / 60:.2f} min")
+    if args.json:
+        rows = [{"run": "baseline: per concept, direct", "erase_ms": be * 1e3, "adv_ms": ba * 1e3, "concepts_per_step": 1,
+                 "s_per_concept": base_s, "ratio": 1.0},
+                {"run": "cpebench: batched, gram", "erase_ms": oe * 1e3, "adv_ms": oa * 1e3,
+                 "concepts_per_step": args.concepts, "s_per_concept": ours_s, "ratio": base_s / ours_s}]
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name,
+                                               "gram_vs_direct": agreement, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Seconds to erase, per method and task: ``Method.erase`` with the task's concepts and the method's
 per-task hyperparameters (benchmarks/methods/<method>.yaml), as ``cpebench run`` calls it.
 
-    CPEBENCH_DATA=../shared/data python benchmarks/perf/erase.py                              # tiny model, CPU
+    python benchmarks/perf/erase.py                                                          # tiny model, CPU
     python benchmarks/perf/erase.py --model random-sd14 --methods uce,rece,esd-x --tasks nudity   # SD-1.4 shapes
     python benchmarks/perf/erase.py --model CompVis/stable-diffusion-v1-4 --device cuda            # the real model
+
+The methods' data files come from ``$CPEBENCH_DATA`` or are downloaded once (``cpebench data fetch``).
 
 Methods are named as in ``cpebench ls methods``; names not registered (yet) are skipped with a message,
 so the same command line works while other baselines are being added. Methods that train can be given

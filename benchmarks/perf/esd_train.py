@@ -4,7 +4,7 @@
     python benchmarks/perf/esd_train.py --model random-sd14 --device cuda --steps 1000 --autocast fp16
     python benchmarks/perf/esd_train.py --model /path/to/stable-diffusion-v1-4 --device cuda --runs paper,fast
 
-* ``paper`` — a plain restatement of train-esd.py (rohitgandikota/erasing@a2189e9, spec §1.3) in
+* ``paper`` — a plain restatement of train-esd.py (rohitgandikota/erasing@a2189e9; docs/methods/esd.md) in
   diffusers: two UNets (the trained copy and the frozen original), fp32, batch 1, CompVis' unfused
   attention (``--paper-attention classic``; ``sdpa`` gives it torch's fused kernel), the text encoder run
   for "", c and c again every iteration (plus "" once more for the sampler), x_t sampled with the trained
@@ -123,7 +123,7 @@ def probe(pipe, word, tensors=None) -> torch.Tensor:
         return unet(x, torch.tensor([100, 400, 700, 950], device=unet.device), encoder_hidden_states=context).sample.float()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="tiny | random-sd14 (SD-1.4 shapes, random weights) | hub id | dir")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,7 +139,7 @@ def main() -> None:
                          "sdpa = torch's fused kernel (as cpebench)")
     ap.add_argument("--tolerance", type=float, default=0.1, help="max ε-change difference from the paper loop")
     ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     cuda = args.device.startswith("cuda")
     steps = args.steps or (1000 if cuda else 6)

@@ -127,13 +127,20 @@ def score(run_dir: Path, nudenet, clip) -> dict:
     }
 
 
-def compare(ref: dict, ref_px: dict, run: dict, run_px: dict) -> dict:
+def pixel_differences(ref_px: dict, run_px: dict) -> dict:
+    """|Δpixel| (0-255) between two runs' images of the same rows: mean over all images, the worst
+    image's mean, and the largest single difference."""
     rows = sorted(ref_px)
     per_image = [float(np.abs(run_px[r] - ref_px[r]).mean()) for r in rows]
+    return {"pixel_mean": float(np.mean(per_image)), "pixel_worst_image": max(per_image),
+            "pixel_max": int(max(np.abs(run_px[r] - ref_px[r]).max() for r in rows))}
+
+
+def compare(ref: dict, ref_px: dict, run: dict, run_px: dict) -> dict:
+    rows = sorted(ref_px)
     clip_diff = [run["clip_per_image"][r] - ref["clip_per_image"][r] for r in rows]
     return {
-        "pixel_mean": float(np.mean(per_image)), "pixel_worst_image": max(per_image),
-        "pixel_max": int(max(np.abs(run_px[r] - ref_px[r]).max() for r in rows)),
+        **pixel_differences(ref_px, run_px),
         "d_nudenet_total": run["nudenet_total"] - ref["nudenet_total"],
         "d_nude_rate": run["nude_rate"] - ref["nude_rate"],
         "d_clip": run["clip"] - ref["clip"],

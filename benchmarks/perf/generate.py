@@ -208,7 +208,7 @@ def peak_tflops(args) -> float:
     return next((v for k, v in PEAK_TFLOPS.items() if all(w in name for w in k.split())), float("nan"))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random-sd14", help="tiny | random-sd14 | hub id | local dir")
     ap.add_argument("--modes", default=",".join(MODES), help=f"cpebench modes, of: {', '.join(MODES)}")
@@ -226,7 +226,7 @@ def main() -> int:
     ap.add_argument("--task", default="nudity", help="the task whose concepts --methods erase")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense 16-bit peak (default: by GPU name)")
     ap.add_argument("--json", help="write every figure here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:

@@ -1,14 +1,16 @@
 """MACE stage-2 speed: the official per-concept LoRA loop vs cpebench's trainer, same inputs, same run.
 
-    CPEBENCH_DATA=../shared/data python benchmarks/perf/mace_train.py --repeat 2    # CPU: tiny, 6 celebrities, 10 steps
-    CPEBENCH_DATA=../shared/data python benchmarks/perf/mace_train.py --model random-sd14 --device cuda \
+    python benchmarks/perf/mace_train.py --repeat 2                                  # CPU: tiny, 6 celebrities, 10 steps
+    python benchmarks/perf/mace_train.py --model random-sd14 --device cuda \
         --concepts 8 --steps 50 --per-step 4 --autocast bf16                        # GPU: SD-1.4 shapes
+
+The task's data files come from ``$CPEBENCH_DATA`` or are downloaded once (``cpebench data fetch``).
 
 Every run trains the LoRAs of the task's first K concepts on the same W1 (cpebench's stage 1) and the
 same seeded training images (generated once, before the runs):
 
 * ``reference`` — a plain restatement of the official loop (src/cfr_lora_training.py with
-  src/mace_lora_atten_processor.py, spec §6), written here and independent of baselines/mace.py: one
+  src/mace_lora_atten_processor.py; docs/methods/mace.md), written here and independent of baselines/mace.py: one
   concept at a time, batch 1, fp32; every attention module (attn1 too) computes its probabilities
   explicitly and carries rank-1 LoRAs on q/k/v/out, of which only attn2 k/v are trained (the others stay
   zero, as in the official files); the prompt is text-encoded and the image VAE-encoded at every step;
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -229,7 +232,7 @@ def compare(results: list, reference: list) -> tuple[float, float]:
 # =========================================================================== main
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="tiny | random-sd14 | hub id | local dir")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -244,7 +247,8 @@ def main() -> int:
     ap.add_argument("--data-dir", default=None, help="data files (default: $CPEBENCH_DATA, then the cache)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=1, help="timed calls per run, interleaved; the fastest is reported")
-    args = ap.parse_args()
+    ap.add_argument("--json", help="write the table's figures here")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -341,15 +345,21 @@ def main() -> int:
     print(f"\n| run | s/concept | stage 2 s ({n_task} concepts, est.) | speed-up vs reference | ΔW rel. diff | loss rel. diff "
           "| stage 1 / 2 data / 2 LoRAs / 3 s (artifact) | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
+    figures = []
     for run, s, stages, (dw, dl), peak in rows:
         per = s / len(names)
         if run == "reference":
             dw = dl = None
+        figures.append({"run": run, "s_per_concept": per, "speedup": base / s if base else None, "dw_rel_diff": dw,
+                        "loss_rel_diff": dl, "stage_seconds": stages, "peak_gib": peak})
         st = " / ".join(f"{stages[k]:.2f}" for k in ("caches_and_stage1", "stage2_data", "stage2_loras", "stage3_fusion")) \
             if stages else "–"
         print(f"| {run} | {per:.3f} | {per * n_task:.1f} | {base / s if base else float('nan'):.2f}× | "
               f"{'–' if dw is None else f'{dw:.1e}'} | {'–' if dl is None else f'{dl:.1e}'} | {st} | "
               f"{'–' if peak is None else f'{peak:.1f}'} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": where, "concepts": len(names),
+                                               "rows": figures}, indent=2))
     return 0
 
 

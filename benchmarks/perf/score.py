@@ -15,6 +15,7 @@ metric on one H100.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ class IdentityTiming:
         return self.embedder([im.load() for im in images])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=512)
@@ -67,7 +68,8 @@ def main() -> None:
     ap.add_argument("--gcd", default="tiny", help="GCD resources: tiny | auto | folder")
     ap.add_argument("--insightface", default="tiny", help="identity: insightface pack: tiny | auto | folder")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    ap.add_argument("--json", help="write the rates here")
+    args = ap.parse_args(argv)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     print(f"images={args.images} size={args.size} device={device_name} torch={torch.__version__} "
@@ -83,7 +85,7 @@ def main() -> None:
             "identity (embed)": IdentityTiming(args.insightface, args.device, args.batch_size),
         }
         print(f"{'metric':<16} {'img/s':>8} {'ratio':>7}")
-        first = None
+        first, rows = None, []
         for name, metric in metrics.items():
             metric.bind(Path(tmp) / "run")
             metric.score(images[: min(4, len(images))])       # warm-up: model load, kernels
@@ -97,6 +99,9 @@ def main() -> None:
             rate = len(images) / (time.perf_counter() - t)
             first = first or rate
             print(f"{name:<16} {rate:>8.2f} {rate / first:>7.2f}")
+            rows.append({"metric": name, "rate": rate, "ratio": rate / first})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": device_name, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

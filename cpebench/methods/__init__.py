@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Mapping, Sequence
 
 from ..data import sha256_file
-from ..errors import ConfigError, CpebenchError
+from ..errors import ConfigError, CpebenchError, DataError
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "artifact.json"
@@ -39,6 +40,17 @@ def weight_checksum(tensors) -> list[float]:
 
 def checksums_agree(recorded, now, rtol: float = 1e-3) -> bool:
     return len(recorded) == len(now) and all(abs(a - b) <= rtol * max(abs(a), 1e-12) for a, b in zip(recorded, now))
+
+
+def read_safetensors(path: str | Path) -> tuple[dict, dict]:
+    """A safetensors file's tensors and metadata; a truncated or foreign file is an error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            return {k: st.get_tensor(k) for k in st.keys()}, dict(st.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt") from None
 
 
 @dataclass(frozen=True)
@@ -75,37 +87,55 @@ class Artifact:
 
     @classmethod
     def load(cls, directory: str | Path) -> "Artifact":
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         meta_path, weights = directory / META_FILE, directory / WEIGHTS_FILE
         if not meta_path.exists() or not weights.exists():
             raise CpebenchError(f"{directory} is not a cpebench artifact (needs {META_FILE} and {WEIGHTS_FILE})")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as e:     # JSON and UTF-8 decoding errors
+            raise DataError(f"{meta_path}: not valid JSON ({e}); the artifact is corrupt") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("method"), str):
+            raise DataError(f"{meta_path}: no \"method\" entry; not a cpebench artifact")
         recorded = meta.pop("weights_sha256", None)   # file integrity only; not part of the content hash
         if recorded and recorded != sha256_file(weights):
             raise CpebenchError(f"{weights}: sha256 does not match {META_FILE}; the artifact is corrupt")
         method = meta.pop("method")
-        return cls(method=method, tensors=load_file(str(weights)), metadata=meta)
+        return cls(method=method, tensors=read_safetensors(weights)[0], metadata=meta)
 
     @property
     def sha256(self) -> str:
-        """Content hash over tensors and metadata (recorded in every run's protocol card)."""
+        """Content hash of the erased model (recorded in every run's protocol card): the method, its
+        tensors and the metadata in DEFINING_METADATA. Dates, timings, code versions and training logs
+        only describe how it was made, so a retrain that gives the same bits gives the same hash."""
+        import torch
+
         h = hashlib.sha256(self.method.encode())
         for k in sorted(self.tensors):
             t = self.tensors[k].detach().contiguous().cpu()
             h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
-        h.update(json.dumps(self.metadata, sort_keys=True, default=str).encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        defining = {k: self.metadata[k] for k in DEFINING_METADATA if k in self.metadata}
+        h.update(json.dumps(defining, sort_keys=True, default=str).encode())
         return h.hexdigest()
 
 
+# What defines an erased model besides its tensors: what was erased, on which base model, by which
+# method version, with which result-changing hyperparameters, in which precision, and which layers a
+# method's apply reads (CPE).
+DEFINING_METADATA = ("concepts", "hparams", "base_model", "base_revision", "method_version", "precision", "layers")
+
+
 def artifact_fingerprint(method: str, method_version: str, concepts: Sequence[Concept], hparams: Mapping,
-                         base_model: str, base_revision: str | None, code_version: str) -> str:
-    """Cache key of an erased model: everything that changes its weights."""
+                         base_model: str, base_revision: str | None, code_version: str,
+                         precision: Mapping | None = None) -> str:
+    """Cache key of an erased model: everything that changes its weights. ``hparams`` are the parsed,
+    result-changing values (``Method.parse_hparams`` minus the operational ones); ``precision`` is the
+    dtypes (and TF32) the erase ran in: an fp16 erase is never reused for an fp32 run."""
     key = {
         "method": method, "method_version": method_version, "concepts": [c.name for c in concepts],
         "hparams": dict(hparams), "base_model": base_model, "base_revision": base_revision, "code": code_version,
+        "precision": dict(precision or {}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -126,6 +156,15 @@ class Method(abc.ABC):
     description: ClassVar[str] = ""
     trains: ClassVar[bool] = True          # False: erase is free (no cache needed)
     operational_hparams: ClassVar[tuple] = ()   # hparams that do not change the result (not fingerprinted)
+    hparams_class: ClassVar[type | None] = None   # the method's Hparams dataclass (``from_dict(mapping)``)
+
+    def parse_hparams(self, hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Every hyperparameter checked and typed, defaults filled in: parsed once, before the model
+        loads, and what the cache key hashes (``1e-5`` from the command line and ``1.0e-5`` from YAML are
+        the same value). Parsing the result again gives it back unchanged."""
+        if self.hparams_class is None:
+            return dict(hparams or {})
+        return _plain(dataclasses.asdict(self.hparams_class.from_dict(dict(hparams or {}))))
 
     @abc.abstractmethod
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
@@ -142,6 +181,15 @@ class Method(abc.ABC):
         if artifact.method != self.name:
             raise CpebenchError(f"{path} is a {artifact.method!r} artifact, not {self.name!r}")
         return artifact
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, mappings as dicts: the JSON form the artifact metadata stores."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def hparam_value(method: str, key: str, kind: str, value: Any) -> Any:

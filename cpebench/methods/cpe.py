@@ -1,4 +1,4 @@
-"""CPE — Concept Pinpoint Eraser (Lee et al., ICLR 2025), spec: shared/specs/cpe.md.
+"""CPE — Concept Pinpoint Eraser (Lee et al., ICLR 2025); sources, values and deviations: docs/methods/cpe.md.
 
 A Residual Attention Gate (ResAG) adds a gated low-rank residual to the 32 cross-attention K/V
 projections (``attn2.to_k`` / ``attn2.to_v``) of an SD-1.x UNet. Per concept c and token t:
@@ -14,7 +14,7 @@ computed once per prompt batch, for the CFG negative embedding too).
 Training never runs the UNet or the VAE: only text embeddings and the 32 projections. Two exact
 implementations of the losses:
 
-* ``loss: direct`` — the spec's formulas literally: K/V of every embedding through every layer.
+* ``loss: direct`` — the official formulas literally: K/V of every embedding through every layer.
 * ``loss: gram`` (default) — the same numbers without materialising K/V. Each loss term is
   ``mean ||W_l y - R_l||²`` for a text-space vector y (0 for anchors), which expands into
   ``y^T (W_l^T W_l) y - 2 (U2_l W_l y)·h + h^T (U2_l U2_l^T) h`` with h = Ẽ U1_l of rank r: work in
@@ -54,7 +54,8 @@ import torch.nn.functional as F
 
 from ..attention import KVEdit, kv_edit
 from ..errors import ConfigError, CpebenchError, DataError
-from . import Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict, weight_checksum
+from . import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict, read_safetensors,
+               weight_checksum)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def check_base_kv(artifact, unet, what: str) -> None:
 
 
 def layer_weights(unet) -> dict[str, float]:
-    """The spec's per-layer loss weights ("Lipschitz" factors), from spectral norms:
+    """The official per-layer loss weights ("Lipschitz" factors), from spectral norms:
     to_k: sigma(W_o W_v) sigma(W_q) / 77;  to_v: sigma(W_o)."""
     out = {}
     for name, module in unet.named_modules():
@@ -250,8 +251,6 @@ def merge_artifacts(artifacts: Sequence[Artifact]) -> Artifact:
 def load_official(path: str | Path) -> Artifact:
     """The authors' released per-concept checkpoints (``output/CPE_*/**/*_last.safetensors``; a file or
     a folder searched recursively, ``*adv_prompts*`` skipped) as one merged artifact."""
-    from safetensors import safe_open
-
     path = Path(path)
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*last.safetensors") if "adv_prompts" not in p.name)
@@ -259,9 +258,7 @@ def load_official(path: str | Path) -> Artifact:
         raise DataError(f"{path}: no official CPE checkpoint (*_last.safetensors) found")
     artifacts = []
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            tensors = {k: st.get_tensor(k) for k in st.keys()}  # safe_open has no __iter__
-            meta = st.metadata() or {}
+        tensors, meta = read_safetensors(f)
         missing = [k for k in (OFFICIAL_GATE_Q, OFFICIAL_GATE_V) if k not in tensors]
         layers: dict[str, str] = {}
         for k in tensors:
@@ -284,7 +281,7 @@ def load_official(path: str | Path) -> Artifact:
             down, up = tensors[base + ".lora_down.weight"].float(), tensors[base + ".lora_up.weight"].float()
             if down.ndim != 3 or up.ndim != 3 or down.shape[0] != n or up.shape[:2] != (n, down.shape[-1]):
                 raise DataError(f"{f}: {base}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} "
-                                f"do not have the spec's shapes [n, D, r] / [n, r, d_out]")
+                                f"do not have the released shapes [n, D, r] / [n, r, d_out]")
             alpha = float(tensors[base + ".alpha"])
             r = down.shape[-1]
             scales.add((alpha if alpha else r) / r)   # the official layer: alpha 0/None means alpha = r
@@ -354,7 +351,7 @@ def encode_prompts(pipe, prompts: Sequence[str], device, batch: int = 256, progr
 
 @dataclass
 class TrainingData:
-    """Text embeddings for a batch of C concepts (built once, as the spec says)."""
+    """Text embeddings for a batch of C concepts (built once, as the official code does)."""
 
     targets: torch.Tensor        # [C, n_templates, 77, D]  templates with each target
     neutral: torch.Tensor        # [n_templates, 77, D]     templates with the neutral surrogate
@@ -421,7 +418,7 @@ def build_training_data(pipe, concepts: Sequence[str], hp: Hparams, device, data
 
 @dataclass(frozen=True)
 class Hparams:
-    """benchmarks/methods/cpe.yaml; spec §2-3 gives every value and its source."""
+    """benchmarks/methods/cpe.yaml gives every value and its source (also docs/methods/cpe.md)."""
 
     templates: Any = None                 # list, or {file, column}
     replace_word: str = "actor"
@@ -517,7 +514,7 @@ class KVSpace:
         w = [layers[i][1].weight.detach().to(device, torch.float32) for i in order]
         self.text_dim = w[0].shape[1]
         self.widths = [x.shape[0] for x in w]
-        # loss weight of one layer's mean squared error, with the spec's 1/32 over layers
+        # loss weight of one layer's mean squared error, with the official 1/32 over layers
         self.coef = torch.tensor([weights[n] / len(layers) for n in self.names], device=device)
         self.per_element = self.coef / torch.tensor(self.widths, device=device, dtype=torch.float32)   # coef / d_l
         self.groups: list[tuple[int, int]] = []                        # (start, end) in internal order
@@ -600,7 +597,7 @@ def erase_losses(space: KVSpace, net: ConceptBatch, e_t, e_n, delta, anchors, et
                "adv": _gram_term(space, net, h[:, 1 : 1 + k], y - delta, with_constant) if k else zero,
                "anchor": _gram_term(space, net, h[:, 1 + k :], None, with_constant)}
         return out
-    # direct: the spec's formulas, layer by layer, with K/V materialised
+    # direct: the official formulas, layer by layer, with K/V materialised
     out = {"erase": zero, "adv": zero, "anchor": zero}
     for i, up in enumerate(net.up_layers()):
         w = _layer_weight(space, i)
@@ -663,7 +660,7 @@ def _make_optimizer(params, lr: float, hp: Hparams):
 
 
 def sample_anchors(data: TrainingData, u: torch.Tensor, lam: torch.Tensor, gens, hp: Hparams) -> torch.Tensor:
-    """The spec's anchor batch: 2S cached anchors per concept, noise 0.001 ||emb|| N(0, 1), pairs mixed
+    """The official anchor batch: 2S cached anchors per concept, noise 0.001 ||emb|| N(0, 1), pairs mixed
     with lambda ~ Beta(1, 1) (= U(0, 1)). u [C, 2S] and lam [C, S] are uniform draws."""
     C = u.shape[0]
     pick = (u * data.anchor_counts[:, None]).long().clamp_max(data.anchor_counts[:, None] - 1)
@@ -899,6 +896,7 @@ class CPE(Method):
     description = "Concept Pinpoint Eraser (ICLR 2025): residual attention gates on the cross-attention K/V"
     trains = True
     operational_hparams = ("concept_batch",)
+    hparams_class = Hparams
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any], ctx: EraseContext | None = None) -> Artifact:
         names = [c.name.strip() for c in concepts]

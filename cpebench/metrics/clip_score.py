@@ -1,4 +1,4 @@
-"""CLIP score: 100·cos(image, prompt) of CLIP's projected embeddings (protocol v1 §8, "CS").
+"""CLIP score: 100·cos(image, prompt) of CLIP's projected embeddings (protocol v1, "CS"; docs/protocol.md).
 
 Model: a transformers CLIP checkpoint by hub id or local directory (default
 ``openai/clip-vit-base-patch32`` with its CLIPProcessor: shortest side 224, bicubic, centre crop),

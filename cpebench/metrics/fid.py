@@ -1,4 +1,4 @@
-"""FID and KID under clean-fid's protocol (protocols.md §4-5, §8), written for streaming and shards.
+"""FID and KID under clean-fid's protocol (docs/protocol.md), written for streaming and shards.
 
 * Images: RGB uint8 -> each channel resized in float32 with PIL bicubic straight to 299x299 (no crop,
   no quantisation: clean-fid's "clean" mode).
@@ -309,7 +309,7 @@ class InceptionMetric(Metric):
 
 
 class FID(InceptionMetric):
-    """FID of each scored prompt set against the real images of the same COCO ids (protocols.md §8)."""
+    """FID of each scored prompt set against the real images of the same COCO ids (protocol v1)."""
 
     name = "fid"
     higher_is_better = False
@@ -416,7 +416,7 @@ class FID(InceptionMetric):
 
 class KID(InceptionMetric):
     """KID of each scored prompt set against the unedited model's images of the same rows and seeds
-    (protocols.md §5/§8: the reference is a run of ``sd`` under the same protocol)."""
+    (protocol v1: the reference is a run of ``sd`` under the same protocol)."""
 
     name = "kid"
     higher_is_better = False

@@ -1,4 +1,4 @@
-"""GIPHY Celebrity Detector (GCD) top-1 accuracy, in PyTorch (protocols.md §2, §8 ``celebrity``).
+"""GIPHY Celebrity Detector (GCD) top-1 accuracy, in PyTorch (protocol v1, task ``celebrity``).
 
 The original (``Giphy/celeb-detection-oss``, MPL-2.0) is a TF1 + torch-0.4 program; the CPE, MACE and
 HUB evaluations call it once per image (``FaceDetector.perform_single`` + ``FaceRecognizer.perform``).

@@ -1,4 +1,4 @@
-"""NudeNet detection counts on I2P (protocol v1 §1/§8).
+"""NudeNet detection counts on I2P (protocol v1, docs/protocol.md).
 
 The detector is the one shipped in the installed ``nudenet`` wheel (v1: 3.0.8, ``best.onnx``),
 applied to the PNG path as NudeNet itself reads it. A detection counts when its score is ≥ the

@@ -1,4 +1,4 @@
-"""Summary scores of protocols.md §7 (pure functions; metrics and tables call them)."""
+"""Summary scores H_o and H_a (docs/protocol.md; pure functions: metrics and tables call them)."""
 
 from __future__ import annotations
 

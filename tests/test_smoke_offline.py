@@ -1,0 +1,58 @@
+"""The smoke preset needs no data files: every registered method runs every task that names concepts to
+erase with no --data-dir, no $CPEBENCH_DATA, an empty cache and downloads made impossible."""
+
+import json
+
+import pytest
+
+from cpebench import data
+from cpebench.cli import main
+from cpebench.config import resolve_run, task_names
+from cpebench.errors import DataError
+from cpebench.registry import METHODS
+from cpebench.runner import get_method, task_concepts
+
+TASKS = [t for t in task_names() if task_concepts(resolve_run("sd", t, preset="smoke"))]
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory, tiny_dir, one_thread):
+    """A fresh cache (no data files, no cached artifacts; the tiny model linked in), no data dir, a
+    download that fails, and a record of every data file asked for."""
+    cache = tmp_path_factory.mktemp("offline-cache")
+    (cache / "models").symlink_to(tiny_dir.parent, target_is_directory=True)
+    asked = []
+    resolve = data.resolve_data_file
+
+    def recorded(name, *args, **kwargs):
+        asked.append(name)
+        return resolve(name, *args, **kwargs)
+
+    def no_download(df, dest, *, progress):
+        raise DataError(f"test: download of {df.name} attempted")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CPEBENCH_CACHE", str(cache))
+        mp.delenv("CPEBENCH_DATA", raising=False)
+        mp.setattr(data, "resolve_data_file", recorded)
+        mp.setattr(data, "_download", no_download)
+        yield tmp_path_factory.mktemp("runs"), asked
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("method", METHODS.names())
+def test_smoke_run_reads_no_data_file(offline, method, task, capsys):
+    out, asked = offline
+    rc = main(["-q", "run", "--method", method, "--task", task, "--preset", "smoke", "--out", str(out)])
+    assert asked == [] and rc == 0, capsys.readouterr().err
+    run = out / f"{method}-{task}-tiny-smoke"
+    gen = json.loads((run / "generation.json").read_text())
+    assert gen["method"]["concepts"] == task_concepts(resolve_run(method, task, preset="smoke"))
+    if get_method(method).trains:   # trained now, into the fresh cache
+        assert gen["method"]["artifact_path"].startswith(str(data.cache_dir()))
+    assert json.loads((run / "summary.json").read_text())["metrics"]
+
+
+def test_the_smoke_tasks_include_every_erasure_task():
+    assert {"nudity", "celebrity", "artist"} <= set(TASKS)
