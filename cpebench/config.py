@@ -134,7 +134,7 @@ class RunConfig:
         return out
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
 # Keys of RunConfig.to_dict() that may differ between two invocations of the same run.
@@ -533,12 +533,12 @@ def _metrics_override(value: Any, task: TaskConfig) -> dict:
 # --------------------------------------------------------------------------- saved configs
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """Tuples → lists, mappings → dicts: a YAML/JSON-safe tree."""
     if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
 
 
@@ -574,4 +574,4 @@ def config_differences(old: Mapping, new: Mapping, ignore: tuple = OPERATIONAL_K
 
 
 def dump_yaml(tree: Mapping) -> str:
-    return yaml.safe_dump(_plain(tree), sort_keys=False, allow_unicode=True, width=120)
+    return yaml.safe_dump(plain(tree), sort_keys=False, allow_unicode=True, width=120)

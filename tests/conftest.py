@@ -35,7 +35,7 @@ def _bf16_attention_works_on_this_cpu():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    q = torch.zeros(1, 1, 77, 64, dtype=torch.bfloat16)   # a CLIP text-encoder shape (short ones take another path)
     try:
         F.scaled_dot_product_attention(q, q, q)
     except RuntimeError as e:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Mapping, Sequence
 
+from ..config import plain
 from ..data import sha256_file
 from ..errors import ConfigError, CpebenchError, DataError
 
@@ -164,7 +165,7 @@ class Method(abc.ABC):
         the same value). Parsing the result again gives it back unchanged."""
         if self.hparams_class is None:
             return dict(hparams or {})
-        return _plain(dataclasses.asdict(self.hparams_class.from_dict(dict(hparams or {}))))
+        return plain(dataclasses.asdict(self.hparams_class.from_dict(dict(hparams or {}))))
 
     @abc.abstractmethod
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
@@ -181,15 +182,6 @@ class Method(abc.ABC):
         if artifact.method != self.name:
             raise CpebenchError(f"{path} is a {artifact.method!r} artifact, not {self.name!r}")
         return artifact
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, mappings as dicts: the JSON form the artifact metadata stores."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def hparam_value(method: str, key: str, kind: str, value: Any) -> Any:
