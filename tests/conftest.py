@@ -28,9 +28,10 @@ def _session_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _bf16_attention_works_on_this_cpu():
-    """With ATEN_CPU_CAPABILITY forced below the hardware's (avx2 on a CPU with AMX), PyTorch's CPU flash
-    attention still packs bf16 for AMX and fails ("pack_vnni2 is only supported when avx512 is
-    supported"); a real AVX2 CPU never takes that path. Only then, the tests use the math backend."""
+    """With ATEN_CPU_CAPABILITY forced below the hardware's (avx2 or default on a CPU with AMX), PyTorch's
+    CPU flash attention still packs bf16 for AMX and fails ("pack_vnni2 is only supported when avx512 is
+    supported"); a real AVX2 CPU never takes that path. Only then, and only for bf16 inputs, attention
+    runs on the math backend: fp32 keeps the default path, so in-process and subprocess runs agree."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,10 +42,22 @@ def _bf16_attention_works_on_this_cpu():
     except RuntimeError as e:
         if "pack_vnni2" not in str(e):
             raise
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
+    else:
+        yield
         return
-    yield
+    real = F.scaled_dot_product_attention
+
+    def bf16_on_math(query, *args, **kwargs):
+        if query.dtype != torch.bfloat16 or query.device.type != "cpu":
+            return real(query, *args, **kwargs)
+        with sdpa_kernel([SDPBackend.MATH]):
+            return real(query, *args, **kwargs)
+
+    F.scaled_dot_product_attention = bf16_on_math
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
 
 
 @pytest.fixture(scope="session")
