@@ -1,4 +1,4 @@
-"""``cpebench`` command line: run | erase | generate | score | table | leaderboard | report | ls | data."""
+"""``cpebench`` command line: run | erase | generate | score | table | leaderboard | report | ls | data | microworld."""
 
 from __future__ import annotations
 
@@ -263,6 +263,12 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_microworld(args) -> int:
+    from .microworld import build
+
+    return build.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -316,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", help="task names, file names, or 'all'")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_data)
+    p = sub.add_parser("microworld", help="build the micro world's tiny text-to-image model (resumable)")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--out", default="micro-model", help="model folder to write (default micro-model/)")
+    p.add_argument("--vae-steps", type=int, help="autoencoder training steps (default: the recipe's)")
+    p.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
+    p.add_argument("--n-train", type=int, help="train-split renders to draw batches from")
+    p.add_argument("--checkpoint-every", type=int, help="steps between saved training states")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval", type=int, default=0, metavar="N", help="then score N held-out prompts")
+    p.add_argument("--judge", help="micro-world judge file for --eval (default: train one, ~2 min)")
+    p.set_defaults(func=cmd_microworld)
     return parser
 
 
