@@ -1,5 +1,8 @@
 """The K/V edit seam: identity edits change no bit, removal restores the pipeline bit for bit."""
 
+import contextlib
+import copy
+
 import torch
 
 from cpebench.attention import KVEdit, KVEditProcessor, kv_edit, swapped_weights
@@ -15,7 +18,9 @@ class Identity(KVEdit):
 
 
 class ShiftValue(KVEdit):
-    """A residual on V only: v + context @ W (a stand-in for CPE's gated residual)."""
+    """A residual on V only: v + context @ W (a stand-in for CPE's gated residual). W is a fixed random
+    matrix: a constant one would add only each token's feature mean, which the text encoder's final
+    LayerNorm makes zero (the edit would then change the output by rounding alone)."""
 
     def __init__(self, scale=1.0):
         self.scale = scale
@@ -23,13 +28,13 @@ class ShiftValue(KVEdit):
 
     def edit(self, layer, context, key, value):
         self.layers.add(layer)
-        w = torch.ones(context.shape[-1], value.shape[-1]) * self.scale / context.shape[-1]
-        return key, value + context @ w
+        w = torch.randn(context.shape[-1], value.shape[-1], generator=torch.Generator().manual_seed(0))
+        return key, value + context @ (w.to(context.dtype) * (self.scale / context.shape[-1] ** 0.5))
 
 
 def unet_out(pipe, ctx, steps=(999, 500)):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(pipe.unet.dtype)
     with torch.no_grad():
         return [pipe.unet(x, t, encoder_hidden_states=ctx).sample for t in steps]
 
@@ -80,16 +85,22 @@ def test_removal_happens_even_on_error(tiny):
     assert all(before[k] is v for k, v in pipe.unet.attn_processors.items())
 
 
+def shifted(pipe, *scales):
+    """The UNet's outputs under nested ShiftValue edits, one per scale."""
+    with contextlib.ExitStack() as stack:
+        for s in scales:
+            stack.enter_context(kv_edit(pipe.unet, ShiftValue(s)))
+        return unet_out(pipe, context(pipe))
+
+
 def test_edits_nest_in_order(tiny):
-    pipe = tiny.pipe
-    ctx = context(pipe)
-    a, b = ShiftValue(1.0), ShiftValue(2.0)
-    with kv_edit(pipe.unet, a), kv_edit(pipe.unet, b):
-        both = unet_out(pipe, ctx)
-    with kv_edit(pipe.unet, ShiftValue(3.0)):
-        single = unet_out(pipe, ctx)
-    # v + c@W1 + c@W2 == v + c@W3 up to float rounding
-    assert torch.allclose(both[0], single[0], atol=1e-5)
+    """v + c@W + c@2W equals v + c@3W up to fp32 rounding. The floor: the single edit's distance from the
+    same computation in float64. Measured on AVX2/AVX-512, forced and not, 1 and 2 threads: the nested
+    edits differ by 1.0-1.2x that floor (about 6e-7, where one edit moves the output by 0.7); margin 4x."""
+    both, single = shifted(tiny.pipe, 1.0, 2.0), shifted(tiny.pipe, 3.0)
+    exact = shifted(copy.deepcopy(tiny.pipe).to(torch.float64), 3.0)
+    floor = max(float((a - b).abs().max()) for a, b in zip(single, exact))
+    assert max(float((a - b).abs().max()) for a, b in zip(both, single)) <= 4 * floor
 
 
 def test_cache_invalidated_by_new_context(tiny):

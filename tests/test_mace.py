@@ -5,6 +5,8 @@ text encoder, independently of the sums baselines/mace.py accumulates."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -113,11 +115,15 @@ def test_stage1_normal_equations_and_objective(pipe, w0, mode):
     c, cm = pair_rows(pipe, hp, NAMES, maps)
     p = all_rows(pipe, CAPTIONS)
     assert terms.pairs == c.shape[0]
+    # float64 sums of the same fp32 rows (MACE encodes the captions in batches, this test one at a time; the tiny
+    # encoder's rows come out bit-identical, measured on AVX2/AVX-512, forced and not): float64 rounding only
     assert torch.allclose(pres, p.T @ p, rtol=1e-10, atol=1e-8)
     eye = torch.eye(c.shape[1], dtype=torch.float64)
     for k, w in w0.items():
         lhs = w1[k] @ (hp.lamb * eye + c.T @ c + sigma * p.T @ p)
         rhs = hp.lamb * w + (w @ cm.T) @ c + sigma * (w @ p.T) @ p
+        # float64 solve: measured 1.3e-15; 1e-6 would also hold if the fp32 rows were rounded differently here
+        # than in MACE's batches (~1e-7 relative each)
         assert float(torch.linalg.norm(lhs - rhs) / torch.linalg.norm(rhs)) < 1e-6, k
 
         def j1(x, w=w):
@@ -135,7 +141,7 @@ def test_stage1_identity_when_mapping_equals_concept(pipe, w0):
     terms = M.stage1_terms(pipe, NAMES, NAMES, hp, "cpu")
     pres, _ = M.preservation(pipe, hp, NAMES, "cpu", cache_root=None)
     w1, _, _ = M.stage1(w0, terms, pres, hp.lamb, hp.preserve_sigma1())
-    for k in w0:
+    for k in w0:   # float64: exact but for rounding (measured 1.6e-12, weights ~0.2)
         assert torch.allclose(w1[k], w0[k], atol=1e-8)
 
 
@@ -146,7 +152,8 @@ def test_prior_cache_on_disk_and_sharded(pipe, tmp_path):
     assert torch.equal(g, g2) and info2["file"] == info["file"]
     a, _ = M.prompt_gram(pipe, CAPTIONS[:4], "cpu")
     b, _ = M.prompt_gram(pipe, CAPTIONS[4:], "cpu")
-    assert torch.allclose(a + b, g, rtol=1e-10, atol=1e-8)
+    assert torch.allclose(a + b, g, rtol=1e-10, atol=1e-8)   # float64 sums in another order (measured 1.8e-12)
+    # positive semi-definite: eigvalsh is accurate to ~eps·λ_max ≈ 5e-12 (λ_max ≈ 2e4)
     assert torch.allclose(g, g.T) and float(torch.linalg.eigvalsh(g)[0]) > -1e-8
     _, other = M.cached_gram(pipe, CAPTIONS[:5], "cpu", "prior", tmp_path)
     assert other["fingerprint"] != info["fingerprint"]
@@ -173,11 +180,13 @@ def test_stage2_lora_rank1_only_lora_changes_and_attention_falls(pipe):
         assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in tr.lora.names)
         with torch.no_grad():
             l0 = float(M.batch_loss(pipe.unet, tr.lora, b))
-            # at step 0 (up = 0) the output equals the base model's
-            out_lora = pipe.unet(b.latents, b.t, encoder_hidden_states=b.context).sample
+            # at step 0 (up = 0) the output equals the base model's, up to fp32 rounding (the probe computes the
+            # attention itself): within 4x the base output's distance from float64 (measured 0.7-0.9x on AVX2/AVX-512)
+            base = pipe.unet(b.latents, b.t, encoder_hidden_states=b.context).sample
             with M.probed(pipe.unet, tr.lora):
                 out_probe = pipe.unet(b.latents, b.t, encoder_hidden_states=b.context).sample
-            assert torch.allclose(out_lora, out_probe, atol=1e-5)
+            exact = copy.deepcopy(pipe.unet).double()(b.latents.double(), b.t, encoder_hidden_states=b.context.double())
+            assert (out_probe - base).abs().max() <= 4 * (base - exact.sample).abs().max()
         for _ in range(20):
             tr.update(b)
         with torch.no_grad():
@@ -249,21 +258,52 @@ def relative_delta_diff(a, b) -> float:
     return float(sum(((da[k] - db[k]) ** 2).sum() for k in da).sqrt() / sum((v ** 2).sum() for v in da.values()).sqrt())
 
 
+def relative_loss_diff(a, b) -> float:
+    """max over steps of |loss_a − loss_b| / loss_a."""
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+
+
 @pytest.fixture(scope="module")
 def one_at_a_time(pipe):
     return train_grouped(pipe, per_step=1)
 
 
+@pytest.fixture(scope="module")
+def other_seed(pipe):
+    return train_grouped(pipe, per_step=3, seed_shift=50)
+
+
+class LoRAInUNetPrecision(M.LoRA):
+    """The stage-2 LoRA in its UNet's dtype (MACE trains it in fp32): float64 for the rounding floor."""
+
+    def __init__(self, layers, *args, **kwargs):
+        super().__init__(layers, *args, **kwargs)
+        self.to(next(iter(layers.values())).weight.dtype)
+
+
+@pytest.fixture(scope="module")
+def fp32_floor(pipe, one_at_a_time):
+    """fp32 rounding of stage 2: how far the one-at-a-time LoRAs (ΔW) and losses lie from the same training in
+    float64 (worst concept, relative). Losses are fp32 numbers: their floor is at least one ulp, 2⁻²³."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "LoRA", LoRAInUNetPrecision)
+        exact = train_grouped(copy.deepcopy(pipe).to(torch.float64), per_step=1)
+    pairs = list(zip(exact, one_at_a_time))
+    return (max(relative_delta_diff(a, b) for (a, _), (b, _) in pairs),
+            max([2 ** -23] + [relative_loss_diff(a, b) for (_, a), (_, b) in pairs]))
+
+
 @pytest.mark.parametrize("per_step", [2, 3])
-def test_stage2_batched_concepts_equal_one_at_a_time(pipe, one_at_a_time, per_step):
+def test_stage2_batched_concepts_equal_one_at_a_time(pipe, one_at_a_time, fp32_floor, per_step):
     """One batched forward/backward for several concepts (own LoRA, mask, positions, t per sample; per-concept
-    clipping and AdamW; own random streams) gives each concept the LoRA it gets alone, whatever the grouping."""
+    clipping and AdamW; own random streams) gives each concept the LoRA it gets alone, whatever the grouping:
+    up to fp32 rounding (other GEMM shapes). Measured on AVX2/AVX-512 (forced and not; the module runs one
+    thread): ΔW differs by 0.7-1.1x the float64 floor (~4e-6 relative), losses by 0.7-1.5x; margin 4x."""
     batched = train_grouped(pipe, per_step=per_step)
+    dw_floor, loss_floor = fp32_floor
     for (fa, la), (fb, lb) in zip(one_at_a_time, batched):
-        assert la == pytest.approx(lb, rel=1e-5)
-        for k in fa:
-            for x, y in zip(fa[k], fb[k]):
-                assert torch.allclose(x, y, rtol=1e-4, atol=1e-4), k
+        assert relative_loss_diff(la, lb) <= 4 * loss_floor
+        assert relative_delta_diff(fa, fb) <= 4 * dw_floor
     # the LoRAs did move, and differently per concept
     moved = [delta_w(f) for f, _ in batched]
     assert all(any(float(d.abs().max()) > 0 for d in m.values()) for m in moved)
@@ -272,22 +312,21 @@ def test_stage2_batched_concepts_equal_one_at_a_time(pipe, one_at_a_time, per_st
 
 
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
-def test_stage2_autocast_tracks_fp32(pipe, one_at_a_time, autocast):
+def test_stage2_autocast_tracks_fp32(pipe, one_at_a_time, other_seed, autocast):
     """Autocast of the stage-2 forward (LoRA weights, AdamW state and the loss sum stay fp32; fp16 with a
-    per-concept GradScaler). Tolerance: at every step the loss agrees with fp32 to within one bf16 rounding
-    step of its value, 2⁻⁸ relative. The loss sums ~10⁴ rounded probabilities, so rounding noise averages out
-    far below that (measured ≤ 4e-5), while a systematic error (a LoRA dropped under autocast, probabilities
-    summed in half precision, a skipped step) exceeds it. ΔW after 4 steps of lr 1e-2: within 20 % of fp32
-    (measured 0.2-7 %; Adam's first steps move by ~lr·sign(g), so small gradients that change sign under
-    rounding show), where another seed — the scale of a genuinely different result — differs by > 100 %."""
+    per-concept GradScaler). Tolerance on the loss, a bound from the format: at every step it agrees with
+    fp32 to within one bf16 rounding step of its value, 2⁻⁸ relative. The loss sums ~10⁴ rounded
+    probabilities, so rounding noise averages out far below that (measured ≤ 4e-5 on AVX2/AVX-512, forced
+    and not), while a systematic error (a LoRA dropped under autocast, probabilities summed in half
+    precision, a skipped step) exceeds it. ΔW after 4 steps of lr 1e-2: the floor is another seed's ΔW (the
+    scale of a genuinely different result, 1.4-1.5x ΔW); autocast moves ΔW by 0.2-9 % (Adam's first steps
+    move by ~lr·sign(g), so small gradients that change sign under rounding show), at most 0.065 of that
+    floor: it must stay within a fifth of it (margin 3x)."""
     low = train_grouped(pipe, per_step=3, autocast=autocast)
-    for (f32, l32), (flo, llo) in zip(one_at_a_time, low):
-        assert all(abs(a - b) <= 2 ** -8 * abs(a) for a, b in zip(l32, llo)), (l32, llo)
-        assert relative_delta_diff(f32, flo) < 0.2
+    for (f32, l32), (flo, llo), (fs, _) in zip(one_at_a_time, low, other_seed):
+        assert relative_loss_diff(l32, llo) <= 2 ** -8, (l32, llo)
+        assert relative_delta_diff(f32, flo) < relative_delta_diff(f32, fs) / 5
         assert all(x.dtype == torch.float32 for pair in flo.values() for x in pair)
-    if autocast == "bf16":
-        other_seed = train_grouped(pipe, per_step=3, seed_shift=50)
-        assert all(relative_delta_diff(a, b) > 1.0 for (a, _), (b, _) in zip(one_at_a_time, other_seed))
 
 
 def test_stage2_speed_hparams_are_checked():
@@ -337,21 +376,23 @@ def test_stage3_normal_equations_and_fusion(pipe, w0):
     for k in w0:
         lhs = w2[k] @ (lamb * eye + sum(c.T @ c for c in cs) + s_f * p.T @ p)
         rhs = lamb * w1[k] + sum((w1[k] + d[k]) @ c.T @ c for d, c in zip(deltas, cs)) + s_f * w0[k] @ p.T @ p
-        assert float(torch.linalg.norm(lhs - rhs) / torch.linalg.norm(rhs)) < 1e-6, k
+        assert float(torch.linalg.norm(lhs - rhs) / torch.linalg.norm(rhs)) < 1e-6, k   # as in stage 1 (1.3e-15)
     for d, c in zip(deltas, cs):   # each LoRA's outputs on its own prompts: fused weights beat the CFR ones
         err2 = sum(float(((c @ (w2[k] - w1[k] - d[k]).T) ** 2).sum()) for k in w0)
         err1 = sum(float(((c @ d[k].T) ** 2).sum()) for k in w0)
-        assert err2 < 0.5 * err1
+        assert err2 < 0.5 * err1   # measured 0.21 and 0.28
     # no LoRA, no preservation -> W1 back; one concept, λ = 0, s_f = 0 -> W1 + ΔW
     zero = [{k: torch.zeros_like(w) for k, w in w0.items()} for _ in NAMES]
     back = M.stage3(w0, w1, zero, grams, pres, 0.3, 0.0)
     assert all(torch.allclose(back[k], w1[k], atol=1e-8) for k in w0)
     one = M.stage3(w0, w1, deltas[:1], grams[:1], pres, 0.0, 0.0)
     c0 = cs[0]   # the tiny encoder's rows span D − 1 dimensions: compare on them
+    # λ = 0: a pseudo-inverse of a system whose zero eigenvalue float64 turns into ~1e-11 (λ_max 7e4); measured
+    # 1.4-1.7e-7 on outputs of ~4 (AVX2/AVX-512, forced and not)
     assert all(torch.allclose(c0 @ one[k].T, c0 @ (w1[k] + deltas[0][k]).T, atol=1e-6) for k in w0)
     # order does not matter
     rev = M.stage3(w0, w1, deltas[::-1], grams[::-1], pres, lamb, s_f)
-    assert all(torch.allclose(rev[k], w2[k], atol=1e-9) for k in w0)
+    assert all(torch.allclose(rev[k], w2[k], atol=1e-9) for k in w0)   # float64 sums in another order (2.4e-12)
 
 
 # --------------------------------------------------------------------------- the method
@@ -507,7 +548,8 @@ def test_resume_grouped_training_after_a_kill(pipe, tmp_path, monkeypatch):
     calls.clear()
     resumed = MACE().erase(pipe, concepts, dict(hp, lora_concepts_per_step=3), EraseContext(progress=False, workdir=work))
     assert calls == [GROUP[2:]]
-    assert all(torch.allclose(whole.tensors[k], resumed.tensors[k], rtol=1e-5, atol=1e-6) for k in whole.tensors)
+    # exact: the first group's LoRAs come from disk and the third concept trains alone in both runs
+    assert all(torch.equal(whole.tensors[k], resumed.tensors[k]) for k in whole.tensors)
     calls.clear()
     MACE().erase(pipe, concepts, dict(hp, lora_autocast="bf16"), EraseContext(progress=False, workdir=work))
     assert calls == [GROUP[:2], GROUP[2:]]
@@ -630,6 +672,7 @@ def test_stage1_large_lambda_keeps_w0(pipe, w0):
     hp = M.Hparams.from_dict(dict(FAST, lamb=1e12))
     terms = M.stage1_terms(pipe, NAMES, ["a person"] * 2, hp, "cpu")
     w1, _, _ = M.stage1(w0, terms, torch.zeros_like(terms.cc), hp.lamb, 0.0)
+    # λ = 1e12 ≫ ‖Σ c cᵀ‖ ≈ 1.3e5: W1 − W0 = O(‖W0‖ · 1.3e5 / 1e12) ≈ 2e-8 (measured 2.5e-9)
     assert all(float((w1[k] - w0[k]).abs().max()) < 1e-6 for k in w0)
 
 
@@ -647,4 +690,4 @@ def test_streamed_fusion_equals_full(pipe, w0):
     full = [{k: u.double() @ v.double() for k, (u, v) in f.items()} for f in factors]
     a = M.stage3(w0, w1, full, grams, pres, 0.1, 0.01)
     b = M.stage3_from_sums(w0, w1, sums, pres, 0.1, 0.01)
-    assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-9) for k in w0)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-9) for k in w0)   # float64, other order (5e-11)

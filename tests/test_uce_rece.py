@@ -77,6 +77,11 @@ def kv_weights(pipe) -> dict[str, torch.Tensor]:
             if n.endswith(("attn2.to_k", "attn2.to_v"))}
 
 
+# A backward-stable float64 solve leaves a relative residual of a few eps (2.2e-16) times the conditioning of the
+# bracket; measured ≤ 7e-16 here (UCE, RECE, and the diagnostics the artifacts record), so 1e-10 leaves 1e5 for it.
+RESIDUAL_TOLERANCE = 1e-10
+
+
 def normal_equation_residual(w_new, w_anchor, erase_c, erase_g, preserve, lamb, s_e, s_p) -> float:
     """Per layer, literally the paper code's bracket terms: mat1 = λW + s_e Σ (W g) cᵀ + s_p Σ (W r) rᵀ and
     mat2 = λI + s_e Σ c cᵀ + s_p Σ r rᵀ; returns max_l ‖W_new mat2 − mat1‖ / ‖mat1‖."""
@@ -116,8 +121,8 @@ def test_uce_edits_the_32_kv_projections_in_closed_form(pipe, uce_result):
     c, g, r = uce_rows(pipe, NAMES, "a person", ["Tom Hanks", "a dog", "a city street"])   # 'van gogh' is erased
     assert uce_result.terms.n_erase == c.shape[0] and uce_result.terms.n_preserve == r.shape[0]
     res = normal_equation_residual(uce_result.weights, w_old, c, g, r, 0.5, 1.0, 1.0)
-    assert res < 1e-5, res                       # the float64 solution satisfies the normal equations
-    assert uce_result.report["normal_equation_residual"] < 1e-10
+    assert res < RESIDUAL_TOLERANCE, res         # the float64 solution satisfies the normal equations
+    assert uce_result.report["normal_equation_residual"] < RESIDUAL_TOLERANCE
 
 
 def test_uce_erased_tokens_move_to_the_guide_and_preserved_outputs_stay_within_the_residual(pipe, uce_result):
@@ -125,7 +130,7 @@ def test_uce_erased_tokens_move_to_the_guide_and_preserved_outputs_stay_within_t
     c, g, r = uce_rows(pipe, NAMES, "a person", ["Tom Hanks", "a dog", "a city street"])
     before = sum(float(((c @ w.T - g @ w.T) ** 2).sum()) for w in w_old.values())
     after = sum(float(((c @ uce_result.weights[k].T - g @ w.T) ** 2).sum()) for k, w in w_old.items())
-    assert after < 0.2 * before                  # erased rows now give (nearly) the guide's K/V
+    assert after < 0.2 * before                  # erased rows now give (nearly) the guide's K/V (measured 0.06)
     j_new, change = objective(uce_result.weights, w_old, c, g, r, 0.5, 1.0, 1.0)
     j_old, _ = objective(w_old, w_old, c, g, r, 0.5, 1.0, 1.0)
     assert j_new <= j_old
@@ -146,6 +151,7 @@ def test_uce_last_token_variant_maps_each_concept_exactly_to_its_guide(pipe):
     (g0, j0), (g1, _) = clip_rows(pipe, "a person"), clip_rows(pipe, "")
     for k, w in w_old.items():
         for c, g in ((c0[i0], g0[j0]), (c1[i1], g1[0])):        # the guide '' is its BOS row
+            # exact but for λ: it moves W c by ~λ/‖c‖² relative (float64; measured 2e-10)
             torch.testing.assert_close(res.weights[k] @ c, w @ g, rtol=1e-6, atol=1e-6)
 
 
@@ -156,7 +162,7 @@ def test_uce_paper_defaults_preserve_the_empty_prompt_at_auto_scale(pipe):
     assert res.preserve_scale == 1.0 and res.terms.n_preserve == 77        # [''] only: max(0.1, 1/1)
     c, g, r = uce_rows(pipe, ["nudity"], " ", [])
     assert c.shape[0] == 77 - 2                                              # 'nudity' = 2 BPE tokens: idx 2
-    assert normal_equation_residual(res.weights, kv_weights(pipe), c, g, r, 0.5, 1.0, 1.0) < 1e-5
+    assert normal_equation_residual(res.weights, kv_weights(pipe), c, g, r, 0.5, 1.0, 1.0) < RESIDUAL_TOLERANCE
     many = uce_mod.Hparams.from_dict({"preserve": [f"artist {i}" for i in range(20)]})
     assert uce_mod.resolve_preserve_scale(many.preserve_scale, 21, "uce") == pytest.approx(0.1)
 
@@ -209,6 +215,8 @@ def test_rece_adversarial_embedding_equals_the_closed_form(pipe, uce_result, mod
     lam = 0.1
     got = rece_mod.adversarial_embedding(c, uce_mod.gram(ws), uce_mod.gram(ws, wo), lam, mode, reg_item, target)
     want = stacked_lstsq(ws, wo, c, lam, mode, reg_item, target)
+    # two float64 solves of one least-squares problem; the normal equations square its condition number:
+    # measured ≤ 1.2e-11 apart (AVX2/AVX-512, forced and not, 1 and 2 threads)
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
     assert got.shape == (77, c.shape[1])
 
@@ -227,12 +235,13 @@ def test_rece_epoch_maps_the_adversarial_embedding_to_the_guide(pipe):
         p, q = uce_mod.gram(anchor), uce_mod.gram(anchor, wo)
         cs = [clip_rows(pipe, n)[0] for n in NAMES]
         adv = torch.stack([torch.linalg.solve(p + 0.1 * torch.eye(p.shape[0], dtype=p.dtype), q @ c.T).T for c in cs])
-        torch.testing.assert_close(res.adversarial, adv, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(res.adversarial, adv, rtol=1e-7, atol=1e-9)   # float64 solves (measured equal)
         c_rows, g_rows = adv.reshape(-1, adv.shape[-1]), g.repeat(len(NAMES), 1)       # all 77 tokens, aligned
-        assert normal_equation_residual(res.weights, anchor, c_rows, g_rows, retain, 0.1, 1.0, 0.1) < 1e-5
+        residual = normal_equation_residual(res.weights, anchor, c_rows, g_rows, retain, 0.1, 1.0, 0.1)
+        assert residual < RESIDUAL_TOLERANCE
         before = sum(float(((c_rows @ w.T - g_rows @ w.T) ** 2).sum()) for w in anchor.values())
         after = sum(float(((c_rows @ res.weights[k].T - g_rows @ w.T) ** 2).sum()) for k, w in anchor.items())
-        assert after < 0.1 * before              # after its epoch, c' gives (nearly) the guide's K/V
+        assert after < 0.1 * before              # after its epoch, c' gives (nearly) the guide's K/V (measured 0.03)
         anchor = res.weights                 # the next epoch's weights (float64)
     for k, w in final.items():
         assert torch.equal(w, epochs[-1].weights[k].float())
@@ -243,7 +252,7 @@ def test_rece_records_its_epochs_and_starts_from_uce(rece_artifact):
     assert meta["uce"]["preserve_scale"] == 1.0 and meta["rece"]["regular_scale"] == 0.1
     for e in meta["rece"]["epochs"]:
         assert e["erase_residual_after"] < e["erase_residual_before"]
-        assert len(e["attack_residual"]) == len(NAMES) and e["normal_equation_residual"] < 1e-10
+        assert len(e["attack_residual"]) == len(NAMES) and e["normal_equation_residual"] < RESIDUAL_TOLERANCE
     assert meta["rece"]["retain"]["blanks"] == len(NAMES)
 
 
