@@ -162,6 +162,12 @@ class Hparams:
         for key in ("max_prior_prompts", "max_domain_names"):
             if d.get(key) is not None:
                 d[key] = hparam_value("mace", key, "int", d[key])
+        scale = d.get("prior_cache_scale")
+        if scale is not None and str(scale).lower() != "auto" and not isinstance(scale, bool):
+            try:        # a number in any textual form ('1', '1.0e+00') is the same number: one cache key
+                d["prior_cache_scale"] = float(scale)
+            except (TypeError, ValueError):
+                pass    # check() names the bad value
         return parse_hparams(cls, d, "mace")
 
     def check(self, method: str) -> None:

@@ -264,8 +264,14 @@ def cmd_data(args) -> int:
 
 
 def cmd_microworld(args) -> int:
+    if args.action == "leaderboard":
+        from .microworld import board
+
+        args.out = args.out or "results"
+        return board.main(args)
     from .microworld import build
 
+    args.out = args.out or "micro-model"
     return build.main(args)
 
 
@@ -322,16 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", help="task names, file names, or 'all'")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_data)
-    p = sub.add_parser("microworld", help="build the micro world's tiny text-to-image model (resumable)")
-    p.add_argument("action", choices=["build"])
-    p.add_argument("--out", default="micro-model", help="model folder to write (default micro-model/)")
+    p = sub.add_parser("microworld", help="build the micro world's model (resumable), or run its leaderboard")
+    p.add_argument("action", choices=["build", "leaderboard"])
+    p.add_argument("--out", help="build: model folder to write (default micro-model/); leaderboard: tables "
+                                 "folder (default results/)")
+    p.add_argument("--runs", default="results/micro-runs", help="leaderboard: run directories (default "
+                                                                 "results/micro-runs/: its summaries are committed)")
+    p.add_argument("--methods", nargs="+", help="leaderboard: methods (default: sd and every built-in method)")
+    p.add_argument("--tasks", nargs="+", help="leaderboard: micro tasks (default: all four)")
+    p.add_argument("--reported", default="auto", help=reported_help)
     p.add_argument("--vae-steps", type=int, help="autoencoder training steps (default: the recipe's)")
     p.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
     p.add_argument("--n-train", type=int, help="train-split renders to draw batches from")
+    p.add_argument("--judge-steps", type=int, help="the judge's training steps (default: the recipe's)")
     p.add_argument("--checkpoint-every", type=int, help="steps between saved training states")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval", type=int, default=0, metavar="N", help="then score N held-out prompts")
-    p.add_argument("--judge", help="micro-world judge file for --eval (default: train one, ~2 min)")
+    p.add_argument("--judge", help="micro-world judge file for --eval (default: the one the build trained)")
     p.set_defaults(func=cmd_microworld)
     return parser
 

@@ -84,6 +84,9 @@ class MethodConfig:
     # per task, the concepts the method's paper code erases there, {names: [...], source: "..."}; a task
     # without an entry erases the task's own list. Concepts given on the command line replace both.
     concepts: Mapping[str, Any] = field(default_factory=dict)
+    # the micro world's overrides, {source: "...", hparams: {...every micro task...}, tasks: {micro-x: {...}}};
+    # load_method_config folds them into ``tasks`` (the paper's values are for SD-1.4, not the micro model)
+    micro: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -355,7 +358,28 @@ def load_method_config(name: str) -> MethodConfig:
     raw = load_yaml_with_includes(path, MethodConfig)
     raw.setdefault("name", name)
     mc = build(MethodConfig, raw, str(path))
-    return dataclasses.replace(mc, concepts=check_method_concepts(mc.concepts, str(path)))
+    return dataclasses.replace(mc, concepts=check_method_concepts(mc.concepts, str(path)),
+                               tasks={**mc.tasks, **micro_task_hparams(mc.micro, str(path))})
+
+
+def micro_task_hparams(micro: Mapping[str, Any], source: str) -> dict:
+    """A method YAML's ``micro:`` section as per-task overrides of every micro-world task."""
+    from .microworld.prompts import TASKS as MICRO_TASKS
+
+    if not micro:
+        return {}
+    where = f"{source}: micro"
+    unknown = set(micro) - {"source", "hparams", "tasks"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; expected source, hparams, tasks")
+    if not isinstance(micro.get("source"), str) or not micro["source"].strip():
+        raise ConfigError(f"{where}.source must say where the micro values come from")
+    tasks = micro.get("tasks") or {}
+    for t in tasks:
+        if t not in MICRO_TASKS:
+            raise ConfigError(f"{where}.tasks: unknown micro task {t!r}.{did_you_mean(str(t), MICRO_TASKS)}")
+    common = dict(micro.get("hparams") or {})
+    return {t: {**common, **(tasks.get(t) or {})} for t in MICRO_TASKS}
 
 
 def check_method_concepts(entries: Mapping[str, Any], source: str) -> dict:
@@ -410,6 +434,9 @@ def resolve_run(
         if p.task and p.task != task_cfg.name:
             raise ConfigError(f"preset {preset!r} selects task {p.task!r}'s hyperparameters; it cannot be combined "
                               f"with task {task_cfg.name!r} (drop --preset, or use --task {p.task})")
+        if task_cfg.protocol.model == "micro" and p.protocol.get("model", "micro") != "micro":
+            raise ConfigError(f"task {task_cfg.name!r} runs on the micro world's model, which is already made for "
+                              f"the CPU; preset {preset!r} would replace it with {p.protocol['model']!r} (drop --preset)")
         protocol_raw = deep_merge(protocol_raw, p.protocol)
         run_raw = deep_merge(run_raw, p.run)
         preset_hparams = dict(p.hparams.get(method) or {})

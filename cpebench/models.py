@@ -34,6 +34,7 @@ HUB_ALLOW_PATTERNS = [
 ]
 TINY = "tiny"
 RANDOM_SD14 = "random-sd14"   # SD-1.4's architecture with random weights (GPU benchmarks without the hub)
+MICRO = "micro"               # the micro world's trained tiny model, shipped with cpebench (microworld/model)
 
 
 @dataclass
@@ -283,12 +284,16 @@ def check_sd_dir(path: Path, model: str) -> None:
 
 def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32", device: str = "cpu",
                   vae_dtype: str | None = None) -> LoadedModel:
-    """Load an SD-1.x pipeline with no safety checker. ``model`` = hub id, local dir, or "tiny".
+    """Load an SD-1.x pipeline with no safety checker. ``model`` = hub id, local dir, "tiny", or "micro".
     ``vae_dtype`` gives the VAE its own precision (default: ``dtype``)."""
     from diffusers import StableDiffusionPipeline
 
     if model in (TINY, RANDOM_SD14):
         path, commit = tiny_model_dir(kind=model), None
+    elif model == MICRO:     # the shipped files' hash stands in for a hub commit: caches follow the weights
+        from .microworld.shipped import fingerprint, model_dir
+
+        path, commit = model_dir(), f"shipped-{fingerprint()[:16]}"
     else:
         path, commit = resolve_model_dir(model, revision)
     check_sd_dir(path, model)

@@ -77,4 +77,6 @@ METRICS: Registry = Registry("metric", "cpebench.metrics", {"nudenet": "cpebench
                                                              "fid": "cpebench.metrics.fid:FID",
                                                              "kid": "cpebench.metrics.fid:KID",
                                                              "gcd": "cpebench.metrics.gcd:GCD",
-                                                             "identity": "cpebench.metrics.identity:IdentityConsistency"})
+                                                             "identity": "cpebench.metrics.identity:IdentityConsistency",
+                                                             "micro_judge": "cpebench.metrics.micro:MicroJudge",
+                                                             "micro_fid": "cpebench.metrics.micro:MicroFID"})

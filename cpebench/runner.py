@@ -50,7 +50,7 @@ from .engine import (
 from .errors import ConfigError, CpebenchError, RunStateError
 from .methods import Artifact, Concept, EraseContext, Method, artifact_fingerprint
 from .metrics import GeneratedImage, Metric
-from .models import TINY, LoadedModel, load_pipeline
+from .models import MICRO, TINY, LoadedModel, load_pipeline
 from .registry import METHODS, METRICS
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,14 @@ def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord]
     elif ps.format == "inline":
         recs = data.records_from_inline([dict(r) for r in ps.rows], split=ps.split, source=source)
         info = {"file": None, "inline": "rows"}
+    elif ps.format == "micro":     # a micro-world set: a pure function of its name (no file)
+        from .microworld import prompts as micro_prompts
+
+        recs = micro_prompts.records(set_name)
+        if ps.split != micro_prompts.split_of(set_name):
+            raise ConfigError(f"{source}: split {ps.split!r}, but the micro world's set {set_name!r} is "
+                              f"{micro_prompts.split_of(set_name)!r}")
+        info = {"file": None, "micro_world": set_name, "sha256": micro_prompts.sha256(set_name)}
     else:
         if not ps.file:
             raise ConfigError(f"{source}: format {ps.format!r} needs a file")
@@ -246,7 +254,7 @@ def choose_device(cfg: RunConfig, n_images: int) -> str:
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if cfg.protocol.model != TINY:
+        if cfg.protocol.model not in (TINY, MICRO):   # both are made for the CPU
             p = cfg.protocol
             scale = (p.height * p.width) / 512**2
             seconds = n_images * scale * (2 * p.steps * UNET_FLOP_512 + VAE_FLOP_512) / CPU_FLOPS

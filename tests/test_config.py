@@ -13,6 +13,7 @@ from cpebench import config, data
 from cpebench.config import (OPERATIONAL_KEYS, MethodConfig, RunConfig, TaskConfig, config_differences, dump_yaml,
                              load_method_config, load_preset, load_task, resolve_run)
 from cpebench.errors import ConfigError
+from cpebench.microworld.prompts import TASKS as MICRO_TASKS
 from cpebench.runner import config_from_dict
 
 # --------------------------------------------------------------------------- helpers
@@ -399,9 +400,17 @@ def test_every_real_task_loads_and_is_consistent(real_bench):
     names = config.task_names()
     assert {"nudity", "celebrity", "artist", "coco", "character"} <= set(names)
     assert not any(n.startswith("_") for n in names)
+    micro = set(MICRO_TASKS)
+    assert micro <= set(names)
     for name in names:
         task, _ = load_task(name)
         assert task.name == name
+        if name in micro:      # the micro world's own protocol and prompt sets (no files, no smoke rows)
+            assert task.protocol.name == "micro-v1" and task.protocol.model == "micro"
+            assert all(ps.format == "micro" for ps in task.prompt_sets.values())
+            with pytest.raises(ConfigError, match="drop --preset"):
+                resolve_run("sd", name, preset="smoke")
+            continue
         assert task.protocol.name == "v1"
         for mname, m in task.metrics.items():
             assert m.prompt_sets, (name, mname)

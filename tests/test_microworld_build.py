@@ -15,7 +15,8 @@ from cpebench.microworld import build, judges, world
 from cpebench.models import CLIP_VOCAB_SIZE, load_pipeline
 
 # A handful of steps on tiny batches: the real architecture, trained just enough to exercise every path.
-RECIPE = build.Recipe(n_train=64, vae_steps=4, unet_steps=4, vae_batch=4, unet_batch=4, checkpoint_every=2)
+RECIPE = build.Recipe(n_train=64, vae_steps=4, unet_steps=4, vae_batch=4, unet_batch=4, checkpoint_every=2,
+                      judge_steps=3, judge_n_train=64)
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +116,7 @@ def test_cli_builds(tmp_path, capsys):
 
     out = tmp_path / "m"
     assert main(["-q", "microworld", "build", "--out", str(out), "--vae-steps", "1", "--unet-steps", "1",
-                 "--n-train", "64"]) == 0
+                 "--n-train", "64", "--judge-steps", "1"]) == 0
     assert (out / "model_index.json").exists() and str(out) in capsys.readouterr().out
     assert json.loads((out / build.RECIPE_FILE).read_text())["recipe"]["unet_steps"] == 1
+

@@ -12,7 +12,9 @@ from cpebench.errors import DataError
 from cpebench.registry import METHODS
 from cpebench.runner import get_method, task_concepts
 
-TASKS = [t for t in task_names() if task_concepts(resolve_run("sd", t, preset="smoke"))]
+from cpebench.microworld.prompts import TASKS as MICRO_TASKS
+
+TASKS = [t for t in task_names() if t not in MICRO_TASKS and task_concepts(resolve_run("sd", t, preset="smoke"))]
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "style": world.STYLES,
     "character": (NONE, *world.CHARACTERS),
 }
-_FORMAT = "cpebench-micro-judge/1"
+_FORMAT = "cpebench-micro-judge/2"
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class Recipe:
     weight_decay: float = 1e-4
     p_character: float = 0.35    # share of character scenes in the judge's training data
     p_impostor: float = 0.2      # share of the other scenes that wear an accessory
+    n_recon: int = 5_000         # with a model's autoencoder: this many train renders are also seen as its
+    p_recon: float = 0.5         # reconstructions, each drawn image taken as one with this probability
 
     @property
     def mix(self) -> dict:
@@ -170,12 +172,17 @@ DEGRADATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # --------------------------------------------------------------------------- training and measuring
 
 
-def train(recipe: Recipe = Recipe(), log: Callable[[str], None] | None = None) -> Judge:
-    """A judge trained by ``recipe`` on the world's train split."""
+def train(recipe: Recipe = Recipe(), log: Callable[[str], None] | None = None,
+          reconstruct: Callable[[np.ndarray], np.ndarray] | None = None) -> Judge:
+    """A judge trained by ``recipe`` on the world's train split. ``reconstruct`` (uint8 images → uint8
+    images, e.g. a model's autoencoder) adds the model's way of drawing: the judge also trains on the
+    reconstructions of true renders, still labelled by the renders' true scenes (never by a caption,
+    so it is not taught to agree with the model's mistakes)."""
     torch.manual_seed(recipe.seed)
     judge = Judge()
     images, _, labels = world.batch("train", recipe.n_train, **recipe.mix)
     x, y = torch.from_numpy(images), targets(labels)    # uint8 until a batch is drawn: 4× less memory
+    recon = torch.from_numpy(reconstruct(images[:recipe.n_recon])) if reconstruct else None
     g = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(judge.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / recipe.steps)
@@ -183,7 +190,11 @@ def train(recipe: Recipe = Recipe(), log: Callable[[str], None] | None = None) -
     t0 = time.perf_counter()
     for step in range(recipe.steps):
         i = torch.randint(len(x), (recipe.batch_size,), generator=g)
-        logits = judge(augment(to_tensor(x[i]), g))
+        batch = x[i]
+        if recon is not None:
+            use = (i < len(recon)) & (torch.rand(len(i), generator=g) < recipe.p_recon)
+            batch = torch.where(use[:, None, None, None], recon[i.clamp(max=len(recon) - 1)], batch)
+        logits = judge(augment(to_tensor(batch), g))
         loss = sum(F.cross_entropy(logits[k], y[k][i]) for k in logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,35 +223,46 @@ def accuracy(judge: Judge, images: np.ndarray, labels: Sequence[dict], degradati
     return out
 
 
-def save(judge: Judge, path: str | Path, recipe: Recipe) -> Path:
+def save(judge: Judge, path: str | Path, recipe: Recipe, trained_on: str = "renders") -> Path:
+    """``trained_on`` says what besides the world's renders the judge saw (e.g. a model's autoencoder)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": _FORMAT, "classes": json.dumps(judge.classes), "recipe": json.dumps(asdict(recipe))}
+    # one metadata key: safetensors writes a metadata map in hash order, so several keys give other bytes
+    meta = {"cpebench": json.dumps({"format": _FORMAT, "classes": judge.classes, "recipe": asdict(recipe),
+                                    "trained_on": trained_on}, sort_keys=True)}
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path), metadata=meta)
     return path
 
 
 def load(path: str | Path) -> tuple[Judge, Recipe]:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise CpebenchError(f"{path}: no such micro-world judge file")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != _FORMAT:
-        raise CpebenchError(f"{path}: not a micro-world judge (metadata format {meta.get('format')!r}, "
-                            f"expected {_FORMAT!r})")
-    classes = {k: tuple(v) for k, v in json.loads(meta["classes"]).items()}
+    meta = metadata(path)
+    classes = {k: tuple(v) for k, v in meta["classes"].items()}
     if classes != CLASSES:
         raise CpebenchError(f"{path}: the judge was trained for classes {classes}, but this micro world has "
                             f"{CLASSES}; retrain it (python -m cpebench.microworld.judges)")
     judge = Judge(classes)
     judge.load_state_dict(load_file(str(path)))
-    return judge.eval(), Recipe(**json.loads(meta["recipe"]))
+    return judge.eval(), Recipe(**meta["recipe"])
+
+
+def metadata(path: str | Path) -> dict:
+    """A judge file's record: format, classes, recipe, trained_on."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("cpebench")
+    meta = json.loads(raw) if raw else {}
+    if meta.get("format") != _FORMAT:
+        raise CpebenchError(f"{path}: not a micro-world judge (metadata format {meta.get('format')!r}, "
+                            f"expected {_FORMAT!r})")
+    return meta
 
 
 def main(argv: list[str] | None = None) -> None:

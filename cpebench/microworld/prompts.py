@@ -71,7 +71,7 @@ def set_names(task: str) -> tuple[str, ...]:
 
 
 def split_of(set_name: str) -> str:
-    return "coco" if set_name == COCO_SET else _parse_set(set_name)[1]
+    return "coco" if set_name == COCO_SET else parse_set(set_name)[1]
 
 
 def rows(set_name: str, n: int | None = None) -> list[dict]:
@@ -79,7 +79,7 @@ def rows(set_name: str, n: int | None = None) -> list[dict]:
     rng = np.random.default_rng(zlib.crc32(set_name.encode()))
     if set_name == COCO_SET:
         return _coco_rows(rng, N_COCO if n is None else n)
-    spec, split = _parse_set(set_name)
+    spec, split = parse_set(set_name)
     values = _VALUES[spec.kind]
     concepts = (spec.target,) if split == "erased" else tuple(v for v in values if v != spec.target)
     n = N_PER_CONCEPT if n is None else n
@@ -90,6 +90,14 @@ def rows(set_name: str, n: int | None = None) -> list[dict]:
     return out
 
 
+def sha256(set_name: str, n: int | None = None) -> str:
+    """A digest of the set's rows, recorded with a run: it changes whenever the world's prompts do."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(rows(set_name, n), sort_keys=True).encode()).hexdigest()
+
+
 def records(set_name: str, n: int | None = None) -> list[PromptRecord]:
     """The set parsed as the project parses a YAML's inline rows."""
     return records_from_inline(rows(set_name, n), split=split_of(set_name), source=f"micro world set {set_name}")
@@ -98,7 +106,8 @@ def records(set_name: str, n: int | None = None) -> list[PromptRecord]:
 # --------------------------------------------------------------------------- internals
 
 
-def _parse_set(set_name: str) -> tuple[MicroTask, str]:
+def parse_set(set_name: str) -> tuple[MicroTask, str]:
+    """The task (kind, target) and split (erased | remained) of an erased/remained set's name."""
     for task, spec in TASKS.items():
         for split in ("erased", "remained"):
             if set_name == f"{task.replace('-', '_')}_{split}":
