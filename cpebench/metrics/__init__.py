@@ -106,3 +106,18 @@ class Metric(abc.ABC):
     def protocol(self) -> dict:
         """What a protocol card must record about this metric (models, versions, thresholds)."""
         return {}
+
+
+def device_and_batch_size(metric: str, device: str, batch_size) -> tuple[str, int]:
+    """The ``device`` (auto | cpu | cuda[:N]; auto = CUDA when present) and ``batch_size`` options of a
+    metric that runs a network, checked with errors naming ``metrics.<metric>.options.<key>``."""
+    import torch
+
+    from ..errors import ConfigError
+
+    if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
+        raise ConfigError(f"metrics.{metric}.options.device: expected auto, cpu or cuda[:N], got {device!r}")
+    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else str(device)
+    if int(batch_size) < 1:
+        raise ConfigError(f"metrics.{metric}.options.batch_size: must be >= 1, got {batch_size}")
+    return resolved, int(batch_size)

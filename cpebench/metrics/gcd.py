@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError, ModelLoadError
-from . import Column, GeneratedImage, Metric, MetricResult
+from ..errors import DataError, ModelLoadError
+from . import Column, GeneratedImage, Metric, MetricResult, device_and_batch_size
 from .summary import h_o
 
 log = logging.getLogger(__name__)
@@ -836,12 +836,7 @@ class GCD(Metric):
 
     def __init__(self, resources: str = "auto", device: str = "auto", batch_size: int = 32):
         self.resources = str(resources)
-        if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
-            raise ConfigError(f"metrics.gcd.options.device: expected auto, cpu or cuda[:N], got {device!r}")
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else str(device)
-        self.batch_size = int(batch_size)
-        if self.batch_size < 1:
-            raise ConfigError(f"metrics.gcd.options.batch_size: must be >= 1, got {batch_size}")
+        self.device, self.batch_size = device_and_batch_size("gcd", device, batch_size)
         self._path: Path | None = None
         self._labels: list[str] | None = None
         self._detector: MTCNN | None = None

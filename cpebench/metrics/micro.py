@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, CpebenchError, DataError, ModelLoadError
-from . import Column, GeneratedImage, Metric, MetricResult
+from ..errors import CpebenchError, DataError, ModelLoadError
+from . import Column, GeneratedImage, Metric, MetricResult, device_and_batch_size
 from .summary import h_o
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,7 @@ class _MicroMetric(Metric):
 
     def __init__(self, judge: str = "auto", device: str = "auto", batch_size: int = 256):
         self.judge_spec = str(judge)
-        if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
-            raise ConfigError(f"metrics.{self.name}.options.device: expected auto, cpu or cuda[:N], got {device!r}")
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else str(device)
-        self.batch_size = int(batch_size)
-        if self.batch_size < 1:
-            raise ConfigError(f"metrics.{self.name}.options.batch_size: must be >= 1, got {batch_size}")
+        self.device, self.batch_size = device_and_batch_size(self.name, device, batch_size)
         self._judge = None        # (Judge, Recipe, path, sha256), loaded on first use
         super().__init__()
 
