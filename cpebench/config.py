@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .models import MICRO
 from .registry import did_you_mean
 
 # --------------------------------------------------------------------------- schema
@@ -434,7 +435,7 @@ def resolve_run(
         if p.task and p.task != task_cfg.name:
             raise ConfigError(f"preset {preset!r} selects task {p.task!r}'s hyperparameters; it cannot be combined "
                               f"with task {task_cfg.name!r} (drop --preset, or use --task {p.task})")
-        if task_cfg.protocol.model == "micro" and p.protocol.get("model", "micro") != "micro":
+        if task_cfg.protocol.model == MICRO and p.protocol.get("model", MICRO) != MICRO:
             raise ConfigError(f"task {task_cfg.name!r} runs on the micro world's model, which is already made for "
                               f"the CPU; preset {preset!r} would replace it with {p.protocol['model']!r} (drop --preset)")
         protocol_raw = deep_merge(protocol_raw, p.protocol)
