@@ -52,11 +52,7 @@ def test_method_erases_red(values, method):
     assert sd["rate_e"] - edited["rate_e"] >= 50, (method, sd["rate_e"], edited["rate_e"])
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param("uce", marks=pytest.mark.xfail(strict=True, reason=(
-        "known, open: UCE's paper nudity edit (towards '', nothing preserved, EOS and padding rows edited) "
-        "also moves the other colours: Acc_r 100 -> 83.3 on the shipped model"))),
-    "cpe"])
+@pytest.mark.parametrize("method", ["uce", "cpe"])
 def test_method_keeps_the_other_colours(values, method):
     sd, edited = values["sd"], values[method]
     assert abs(edited["acc_r"] - sd["acc_r"]) <= 10, (method, sd["acc_r"], edited["acc_r"])
