@@ -68,6 +68,7 @@ from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
                               read_safetensors, weight_checksum)
+from cpebench.methods.common import concept_names
 
 log = logging.getLogger(__name__)
 
@@ -598,11 +599,7 @@ class _ESD(Method):
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:
-        names = [c.name.strip() for c in concepts]
-        if not names:
-            raise ConfigError(f"{self.name}: no concepts to erase; give the task's concepts or --concepts NAME ...")
-        if any(not n for n in names) or len({n.lower() for n in names}) != len(names):
-            raise ConfigError(f"{self.name}: concept names must be non-empty and distinct, got {names}")
+        names = concept_names(self.name, concepts)
         hp = self.hparams(hparams)
         ctx = ctx or EraseContext(device=str(pipe.unet.device))
         tensors, meta = train(pipe, names, hp, ctx, self.name)

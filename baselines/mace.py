@@ -55,25 +55,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from baselines.uce import (
-    TOKENS,
-    concept_names,
-    encode,
-    parse_hparams,
-    preserve_list,
-    read_weights,
-    text_list,
-    weight_edit,
-    weight_metadata,
-)
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, hparam_value
+from cpebench.methods.closed_form import read_weights, weight_edit, weight_metadata
+from cpebench.methods.common import (ENCODE_BATCH, PROJECTIONS, TOKENS, check_non_negative, concept_names,
+                                     encode_texts, parse_hparams, preserve_list, text_list)
 
 log = logging.getLogger(__name__)
 
-PROJECTIONS = ("to_k", "to_v")
-ENCODE_BATCH = 256
 COCO_CAPTIONS = 616_767          # train+val 2014 captions: the official COCO cache's size
 
 # The official augmentation templates (src/cfr_utils.py prompt_augmentation @057e7a6), indices 0-29 in order.
@@ -171,10 +161,9 @@ class Hparams:
         return parse_hparams(cls, d, "mace")
 
     def check(self, method: str) -> None:
-        for key in ("lamb", "train_preserve_scale", "fuse_preserve_scale", "preserve_weight", "lr", "weight_decay",
-                    "max_grad_norm"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{method}: hparams.{key} must be >= 0, got {getattr(self, key)}")
+        check_non_negative(method, **{key: getattr(self, key) for key in (
+            "lamb", "train_preserve_scale", "fuse_preserve_scale", "preserve_weight", "lr", "weight_decay",
+            "max_grad_norm")})
         if self.concept_type not in DATA_PROMPT:
             raise ConfigError(f"{method}: hparams.concept_type must be 'object' or 'style', got {self.concept_type!r}")
         if self.stage1_preserve not in ("squared", "linear"):
@@ -296,7 +285,7 @@ def prompt_gram(pipe, texts: Sequence[str], device, batch: int = ENCODE_BATCH) -
     rows = 0
     texts = list(texts)
     for i in range(0, len(texts), batch):
-        r = encode(pipe, texts[i : i + batch], device).reshape(-1, d)
+        r = encode_texts(pipe, texts[i : i + batch], device, torch.float64).reshape(-1, d)
         g += r.T @ r
         rows += r.shape[0]
     return g, rows
@@ -423,7 +412,8 @@ def stage1_terms(pipe, names: Sequence[str], maps: Sequence[str], hp: Hparams, d
     pairs = 0
     for name, m in zip(names, maps):
         erase, mapped = prompts_for(hp, name), prompts_for(hp, m)
-        ee, em = encode(pipe, erase, device), encode(pipe, mapped, device)
+        ee = encode_texts(pipe, erase, device, torch.float64)
+        em = encode_texts(pipe, mapped, device, torch.float64)
         for k, (e, mp) in enumerate(zip(erase, mapped)):
             ie, im = match_indices(unpadded_ids(tok, e), unpadded_ids(tok, mp))
             c, c2 = ee[k, ie], em[k, im]
@@ -734,7 +724,7 @@ class LoRATrainer:
         self.pmf = focal_pmf(self.ddpm.config.num_train_timesteps) if hp.timesteps == "focal" else None
         self.aspect = images.shape[-2] / images.shape[-1]
         with torch.no_grad():
-            self.context = encode(pipe, self.prompts, self.device).to(unet.dtype)
+            self.context = encode_texts(pipe, self.prompts, self.device, torch.float64).to(unet.dtype)
             x = images.to(self.device, torch.float32)
             if hp.vae_input_norm == "imagenet":
                 mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)

@@ -4,7 +4,7 @@ Sources, per-task values and deviations: docs/methods/rece.md.
 Official code: CharlesGong12/RECE@403a67f (``train.py``, ``train_artists.py``, ``train_object.py``,
 ``erase_methods/uce.py:edit_model_adversarial``, ``utils/embedding_calculation/close_form_emb.py``).
 
-1. Start from UCE (the paper code, ``uce_*`` hyperparameters; same closed form as ``baselines.uce``).
+1. Start from UCE (the paper code, ``uce_*`` hyperparameters; UCE's edit from ``cpebench.methods.closed_form``).
 2. For each epoch:
    a. per concept, the adversarial embedding in closed form from the current weights W_l and the
       original weights W_l^o over all edited matrices l (32 = 16 × {to_k, to_v}), every one of the 77
@@ -49,26 +49,27 @@ import torch
 
 from cpebench.errors import ConfigError
 from cpebench.methods import Artifact, Concept, EraseContext, Method
-
-from . import uce
-from .uce import (
-    PROJECTIONS,
+from cpebench.methods.closed_form import (
+    NUMERICS,
     EditTerms,
+    UCESettings,
     apply_transform,
-    check_projections,
+    cached_preserve_gram,
     closed_form,
-    concept_names,
     edit_report,
-    encode,
+    float64_text,
     gram,
     guides_for,
-    parse_hparams,
-    preserve_list,
     read_weights,
+    texts_record,
     to_storage,
+    uce_edit,
     weight_edit,
     weight_metadata,
 )
+from cpebench.methods.common import (PROJECTIONS, check_non_negative, check_projections, concept_names, encode_texts,
+                                     parse_hparams, preserve_list)
+
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Hparams:
 
     def check(self, method: str) -> None:
         check_projections(self.projections, method)
-        uce._check_scales(method, lamb=self.lamb, erase_scale=self.erase_scale, preserve_scale=self.preserve_scale,
+        check_non_negative(method, lamb=self.lamb, erase_scale=self.erase_scale, preserve_scale=self.preserve_scale,
                           regular_scale=self.regular_scale, epochs=self.epochs)
         if self.emb_computing not in EMB_COMPUTING:
             raise ConfigError(f"{method}: hparams.emb_computing must be one of {', '.join(EMB_COMPUTING)}, "
@@ -123,9 +124,9 @@ class Hparams:
                               f"got {self.preserve_empty!r}")
         self.uce_hparams(method)
 
-    def uce_hparams(self, method: str = "rece") -> uce.Hparams:
-        """The UCE stage's hyperparameters (``uce_<name>`` → UCE's ``<name>``)."""
-        return parse_hparams(uce.Hparams, {
+    def uce_hparams(self, method: str = "rece") -> UCESettings:
+        """The UCE stage's settings (``uce_<name>`` → UCE's ``<name>``)."""
+        return parse_hparams(UCESettings, {
             "guide": self.uce_guide, "preserve": self.uce_preserve, "preserve_empty": self.uce_preserve_empty,
             "lamb": self.uce_lamb, "erase_scale": self.uce_erase_scale, "preserve_scale": self.uce_preserve_scale,
             "tokens": self.uce_tokens, "projections": self.projections}, method)
@@ -223,25 +224,26 @@ def retain_texts(hp: Hparams, names: Sequence[str], data_dir) -> tuple[list[str]
 def rece(pipe, names: Sequence[str], hp: Hparams, device, data_dir=None, progress: bool = False,
          on_epoch=None) -> tuple[dict, dict]:
     """UCE, then ``hp.epochs`` RECE epochs. Returns (float32 weights, metadata record). Texts are encoded
-    in float64 (``uce.float64_text``) and the weights stay float64 from the UCE start through the last
+    in float64 (``float64_text``) and the weights stay float64 from the UCE start through the last
     epoch, rounded to float32 once: the paper code run in float64."""
     started = time.perf_counter()
     original = read_weights(pipe.unet, hp.projections, device)
     grams: dict = {}
     k0 = gram(original)
-    with uce.float64_text(pipe) as text:
-        start = uce.uce_edit(pipe, names, hp.uce_hparams(), device, data_dir, progress, weights=original,
-                             method="rece", gram_cache=grams, k0=k0, text=text)
+    with float64_text(pipe) as text:
+        start = uce_edit(pipe, names, hp.uce_hparams(), device, data_dir, progress, weights=original,
+                         method="rece", gram_cache=grams, k0=k0, text=text)
         uce_seconds = time.perf_counter() - started
         guides = guides_for("rece", hp.guide, names)
         retain, preserve = retain_texts(hp, names, data_dir)
-        concept_emb = encode(text, names, device)
+        concept_emb = encode_texts(text, names, device, torch.float64)
         unique = list(dict.fromkeys(guides))
-        guide_emb = encode(text, unique, device)[[unique.index(g) for g in guides]]
+        guide_emb = encode_texts(text, unique, device, torch.float64)[[unique.index(g) for g in guides]]
         target_emb = None
         if hp.emb_computing == "close_standardreg":
-            target_emb = encode(text, [hp.old_target_concept or " "], device).expand_as(concept_emb)
-        rr, n_r = uce.cached_preserve_gram(grams, text, retain, "sequence", device, progress, desc="encode retain")
+            target = encode_texts(text, [hp.old_target_concept or " "], device, torch.float64)
+            target_emb = target.expand_as(concept_emb)
+        rr, n_r = cached_preserve_gram(grams, text, retain, "sequence", device, progress, desc="encode retain")
     current = start.weights                  # the UCE model, float64
     epochs = []
     for e in range(hp.epochs):
@@ -256,12 +258,12 @@ def rece(pipe, names: Sequence[str], hp: Hparams, device, data_dir=None, progres
                  [f"{x:.3g}" for x in record["attack_residual"]], record["erase_residual_before"],
                  record["erase_residual_after"])
     meta = {
-        "uce": {"guides": start.guides, "preserve": uce._texts_record(start.preserve),
+        "uce": {"guides": start.guides, "preserve": texts_record(start.preserve),
                 "preserve_scale": start.preserve_scale, "seconds": round(uce_seconds, 3), **start.report},
-        "rece": {"guides": guides, "retain": {"blanks": len(retain) - len(preserve), **uce._texts_record(preserve)},
+        "rece": {"guides": guides, "retain": {"blanks": len(retain) - len(preserve), **texts_record(preserve)},
                  "emb_computing": hp.emb_computing, "regular_scale": hp.regular_scale, "epochs": epochs,
                  "selection": "last epoch (the official validation-based selection is not run)"},
-        "numerics": uce.NUMERICS + "; weights float64 between epochs",
+        "numerics": NUMERICS + "; weights float64 between epochs",
         "seconds": round(time.perf_counter() - started, 3),
     }
     return to_storage(current), meta

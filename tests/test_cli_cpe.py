@@ -4,7 +4,7 @@ read the real training files (the optional local data folder of conftest.py; tho
 import json
 
 from cpebench.cli import main
-from cpebench.methods import Artifact, cpe
+from cpebench.methods import Artifact, common, cpe
 
 SHORT = ["hparams.stages=2", "hparams.iterations=3", "hparams.stage0_iterations_factor=1", "hparams.adv_iterations=2",
          "hparams.anchor_nearest=3", "hparams.anchor_batch=4", "hparams.adv_prompts=2"]
@@ -70,7 +70,7 @@ def test_generate_with_the_official_checkpoints(tiny_dir, tmp_path, tiny):
         g = torch.Generator().manual_seed(n)
         tensors = {cpe.OFFICIAL_GATE_Q: torch.randn(1, 32, 4, generator=g) * 0.01,
                    cpe.OFFICIAL_GATE_K: torch.zeros(1, 32, 4), cpe.OFFICIAL_GATE_V: torch.randn(1, 32, 1, generator=g)}
-        for name, lin in cpe.kv_layers(tiny.pipe.unet):
+        for name, lin in common.kv_layers(tiny.pipe.unet):
             key = cpe.official_key(name)
             tensors[key + ".lora_down.weight"] = torch.randn(1, 32, 1, generator=g)
             tensors[key + ".lora_up.weight"] = torch.randn(1, 1, lin.out_features, generator=g) * 0.1

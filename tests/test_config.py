@@ -465,7 +465,7 @@ METHOD_LISTS = [
 
 @pytest.mark.parametrize("method, task, key, rows, distinct, first", METHOD_LISTS)
 def test_method_data_lists_are_the_official_files(real_bench, shared_data, method, task, key, rows, distinct, first):
-    from baselines.uce import text_list
+    from cpebench.methods.common import text_list
 
     texts = text_list(method, resolve_run(method, task).hparams[key], key, str(shared_data))
     assert (len(texts), len(set(texts)), texts[0]) == (rows, distinct, first)

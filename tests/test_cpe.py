@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, cpe
+from cpebench.methods.common import encode_texts, kv_layers
 from cpebench.methods.cpe import (
     CPE,
     ConceptBatch,
@@ -20,9 +21,7 @@ from cpebench.methods.cpe import (
     adversarial_loss,
     artifact_tensors,
     concept_generator,
-    encode_prompts,
     erase_losses,
-    kv_layers,
     layer_weights,
     load_official,
     merge_artifacts,
@@ -107,7 +106,7 @@ def test_at_init_the_residual_is_exactly_zero_and_images_unchanged(pipe):
     net = ConceptBatch(space, hp, [concept_generator(0, "x", "cpu")], "cpu")
     art = as_artifact(space, [net], hp, ["x"], pipe.unet)
     edit = ResAG(art.tensors, art.metadata["layers"])
-    ctx = encode_prompts(pipe, ["a photo of chris evans", ""], "cpu")
+    ctx = encode_texts(pipe, ["a photo of chris evans", ""], "cpu")
     for name in art.metadata["layers"]:
         assert torch.count_nonzero(edit.residual(name, ctx)) == 0
     engine = Engine(pipe, ProtocolConfig(model="tiny", steps=3, height=64, width=64), batch_size=2, progress=False)
@@ -184,7 +183,7 @@ def test_gram_losses_equal_the_direct_formulas_and_their_gradients():
 
 def _kv(pipe, art, prompts):
     """{layer: (original K/V, erased K/V)} of the real attn2 modules for these prompts."""
-    ctx = encode_prompts(pipe, prompts, "cpu")
+    ctx = encode_texts(pipe, prompts, "cpu")
     modules = dict(pipe.unet.named_modules())
     edit = ResAG(art.tensors, art.metadata["layers"])
     out = {}
@@ -246,7 +245,7 @@ def test_concepts_trained_together_equal_concepts_trained_alone(pipe, monkeypatc
     split = CPE().erase(pipe, [Concept("chris evans"), Concept("elon musk")], {**hp, "concept_batch": 1},
                         EraseContext(progress=False))
     assert both.metadata["train"]["concept_groups"] == [2] and split.metadata["train"]["concept_groups"] == [1, 1]
-    monkeypatch.setattr(cpe, "encode_prompts", lambda *a, **k: rounded_once(encode_prompts(*a, **k)))
+    monkeypatch.setattr(cpe, "encode_texts", lambda *a, **k: rounded_once(encode_texts(*a, **k)))
     rounded = CPE().erase(pipe, [Concept("elon musk")], hp, EraseContext(progress=False))
     floor = relative_distance(rounded.tensors, alone.tensors)
     assert relative_distance({k: v[1:2] for k, v in both.tensors.items()}, alone.tensors) <= 4 * floor
@@ -352,7 +351,7 @@ def test_artifact_round_trip_is_bit_exact(pipe, trained, tmp_path):
     loaded = CPE().load_artifact(path)
     assert loaded.sha256 == trained.sha256
     assert all(torch.equal(v, loaded.tensors[k]) for k, v in trained.tensors.items())
-    ctx = encode_prompts(pipe, ["a photo of chris evans"], "cpu")
+    ctx = encode_texts(pipe, ["a photo of chris evans"], "cpu")
     name = trained.metadata["layers"][5]
     assert torch.equal(ResAG(trained.tensors, trained.metadata["layers"]).residual(name, ctx),
                        ResAG(loaded.tensors, loaded.metadata["layers"]).residual(name, ctx))
@@ -396,7 +395,7 @@ def test_official_checkpoints_load_and_give_the_same_forward(pipe, tmp_path):
     loaded = CPE().load_artifact(tmp_path / "CPE_Celeb")
     assert len(raw[0]) == 3 + 32 * 3 == 99
     assert loaded.metadata["concepts"] == ["chris evans", "elon musk"]
-    ctx = encode_prompts(pipe, ["a photo of chris evans", "a dog"], "cpu")
+    ctx = encode_texts(pipe, ["a photo of chris evans", "a dog"], "cpu")
     ours, theirs = ResAG(loaded.tensors, loaded.metadata["layers"]), ResAG(arts[0].tensors, arts[0].metadata["layers"])
     only_first = ResAG(CPE().load_artifact(tmp_path / "CPE_Celeb" / "chris_evans" /
                                            "singleton_onebyone_person_last.safetensors").tensors, loaded.metadata["layers"])

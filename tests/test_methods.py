@@ -265,3 +265,28 @@ def test_sd_apply_leaves_unet_bit_identical(tiny):
     assert pipe.unet.attn_processors == procs_before
     for k, v in pipe.unet.state_dict().items():
         assert torch.equal(v, state_before[k])
+
+
+def test_no_method_imports_another():
+    """Methods share cpebench.methods (the interface), .common and .closed_form, never each other's files."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shared = {"__init__", "common", "closed_form"}
+    methods = {p.stem: p for p in (root / "baselines").glob("*.py") if p.stem != "__init__"}
+    methods |= {p.stem: p for p in (root / "cpebench" / "methods").glob("*.py") if p.stem not in shared}
+    assert {"uce", "rece", "mace", "esd", "cpe", "sd"} <= set(methods)
+    found = []
+    for name, path in methods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                parts = [*(node.module or "").split("."), *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                parts = [p for a in node.names for p in a.name.split(".")]
+            else:
+                continue
+            hits = [p for p in parts if p in methods and p != name]
+            if hits:
+                found.append(f"{path.relative_to(root)}:{node.lineno} imports {hits}")
+    assert not found, found

@@ -20,7 +20,7 @@ from baselines import uce as uce_mod
 from baselines.rece import RECE
 from baselines.uce import UCE
 from cpebench.errors import ConfigError
-from cpebench.methods import Artifact, Concept, EraseContext
+from cpebench.methods import Artifact, Concept, EraseContext, closed_form, common
 
 NAMES = ["Van Gogh", "nudity"]
 UCE_HP = dict(guide="a person", preserve=["Tom Hanks", "a dog", "a city street", "van gogh"], preserve_scale=1.0)
@@ -164,7 +164,7 @@ def test_uce_paper_defaults_preserve_the_empty_prompt_at_auto_scale(pipe):
     assert c.shape[0] == 77 - 2                                              # 'nudity' = 2 BPE tokens: idx 2
     assert normal_equation_residual(res.weights, kv_weights(pipe), c, g, r, 0.5, 1.0, 1.0) < RESIDUAL_TOLERANCE
     many = uce_mod.Hparams.from_dict({"preserve": [f"artist {i}" for i in range(20)]})
-    assert uce_mod.resolve_preserve_scale(many.preserve_scale, 21, "uce") == pytest.approx(0.1)
+    assert closed_form.resolve_preserve_scale(many.preserve_scale, 21, "uce") == pytest.approx(0.1)
 
 
 def test_uce_only_to_v_when_asked(pipe):
@@ -174,11 +174,11 @@ def test_uce_only_to_v_when_asked(pipe):
 
 def test_preserve_list_from_the_artist_file_drops_the_erased_artists(shared_data):
     spec = {"file": "anchors/mass_surr_words_1734artists.csv", "column": "artist"}
-    every = uce_mod.preserve_list("uce", spec, [], str(shared_data))
+    every = common.preserve_list("uce", spec, [], str(shared_data))
     assert len(every) == 1734 and every[0] == "A.J.Casson"
-    kept = uce_mod.preserve_list("uce", spec, ["a.j.casson", "Brent Heighton"], str(shared_data))
+    kept = common.preserve_list("uce", spec, ["a.j.casson", "Brent Heighton"], str(shared_data))
     assert len(kept) == 1732 and "A.J.Casson" not in kept and "Brent Heighton" not in kept
-    assert uce_mod.resolve_preserve_scale("auto", 1 + len(kept), "uce") == 0.1
+    assert closed_form.resolve_preserve_scale("auto", 1 + len(kept), "uce") == 0.1
 
 
 # --------------------------------------------------------------------------- RECE
@@ -213,7 +213,7 @@ def test_rece_adversarial_embedding_equals_the_closed_form(pipe, uce_result, mod
     c, _ = clip_rows(pipe, "nudity")
     target, _ = clip_rows(pipe, " ")
     lam = 0.1
-    got = rece_mod.adversarial_embedding(c, uce_mod.gram(ws), uce_mod.gram(ws, wo), lam, mode, reg_item, target)
+    got = rece_mod.adversarial_embedding(c, closed_form.gram(ws), closed_form.gram(ws, wo), lam, mode, reg_item, target)
     want = stacked_lstsq(ws, wo, c, lam, mode, reg_item, target)
     # two float64 solves of one least-squares problem; the normal equations square its condition number:
     # measured ≤ 1.2e-11 apart (AVX2/AVX-512, forced and not, 1 and 2 threads)
@@ -232,7 +232,7 @@ def test_rece_epoch_maps_the_adversarial_embedding_to_the_guide(pipe):
     g, _ = clip_rows(pipe, " ")
     retain = torch.cat([clip_rows(pipe, " ")[0]] * len(NAMES))               # [' '] × len(concepts)
     for res in epochs:
-        p, q = uce_mod.gram(anchor), uce_mod.gram(anchor, wo)
+        p, q = closed_form.gram(anchor), closed_form.gram(anchor, wo)
         cs = [clip_rows(pipe, n)[0] for n in NAMES]
         adv = torch.stack([torch.linalg.solve(p + 0.1 * torch.eye(p.shape[0], dtype=p.dtype), q @ c.T).T for c in cs])
         torch.testing.assert_close(res.adversarial, adv, rtol=1e-7, atol=1e-9)   # float64 solves (measured equal)

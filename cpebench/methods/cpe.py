@@ -38,7 +38,6 @@ Deviations from the official code (named in the artifact's hparams where they ch
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -53,30 +52,19 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import KVEdit, kv_edit
-from ..errors import ConfigError, CpebenchError, DataError
-from . import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict, read_safetensors,
-               weight_checksum)
+from ..errors import ConfigError, DataError
+from . import Artifact, Concept, EraseContext, Method, hparams_from_dict, read_safetensors
+from .common import (TOKENS, base_kv_checksums, base_kv_sha256, check_base_kv, concept_names, encode_texts, kv_layers,
+                     text_list)
 
 log = logging.getLogger(__name__)
 
-TOKENS = 77
 OFFICIAL_GATE_Q = "attention_gate.encoder_layer.slf_attn.attention_module1.w_qs.weight"
 OFFICIAL_GATE_K = "attention_gate.encoder_layer.slf_attn.attention_module1.w_ks.weight"   # unused (k = q)
 OFFICIAL_GATE_V = "attention_gate.encoder_layer.slf_attn.gate.scaler.weight"
 
 
 # =========================================================================== layout
-
-
-def kv_layers(unet) -> list[tuple[str, torch.nn.Linear]]:
-    """The 32 wrapped projections, in the official order: every ``attn2.to_k``/``to_v`` Linear."""
-    out = []
-    for name, module in unet.named_modules():
-        if name.endswith(("attn2.to_k", "attn2.to_v")) and isinstance(module, torch.nn.Linear):
-            out.append((name, module))
-    if not out:
-        raise CpebenchError("the UNet has no attn2.to_k/to_v layers; CPE needs an SD-1.x UNet")
-    return out
 
 
 def official_key(layer: str) -> str:
@@ -95,43 +83,6 @@ def layer_from_official(key: str) -> str | None:
     block, index, att, tb, proj = m.groups()
     prefix = f"{block}.{index}" if index is not None else block
     return f"{prefix}.attentions.{att}.transformer_blocks.{tb}.attn2.{proj}"
-
-
-def base_kv_sha256(unet) -> str:
-    """Fingerprint of the weights CPE reads (the 32 K/V projections): an artifact trained on one base
-    model is refused on another."""
-    h = hashlib.sha256()
-    for name, lin in kv_layers(unet):
-        w = lin.weight.detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode() + str(tuple(w.shape)).encode())
-        h.update(w.numpy().tobytes())
-    return h.hexdigest()
-
-
-def base_kv_checksums(unet) -> dict[str, list[float]]:
-    """``weight_checksum`` of each K/V projection."""
-    return {name: weight_checksum([lin.weight]) for name, lin in kv_layers(unet)}
-
-
-def check_base_kv(artifact, unet, what: str) -> None:
-    """Refuse an artifact computed from other K/V weights. Exact (sha256) in the artifact's precision;
-    a model loaded in fp16/bf16 is compared by per-layer checksums instead, since its rounded weights
-    cannot match the fp32 sha256."""
-    recorded = artifact.metadata.get("base_kv_sha256")
-    if not recorded or recorded == base_kv_sha256(unet):
-        return
-    if unet.dtype != torch.float32:
-        sums = artifact.metadata.get("base_kv_checksums")
-        if sums is None:
-            log.warning("%s artifact predates per-layer checksums: its base model cannot be checked against a %s "
-                        "model (only against fp32)", what, unet.dtype)
-            return
-        now = base_kv_checksums(unet)
-        if set(now) == set(sums) and all(checksums_agree(sums[k], now[k]) for k in now):
-            return
-    raise ConfigError(
-        f"{what} artifact was made from base model {artifact.metadata.get('base_model', '?')!r}, whose K/V weights "
-        "differ from the loaded model's; make it again on this model (or load the model it was made for)")
 
 
 def layer_weights(unet) -> dict[str, float]:
@@ -303,50 +254,9 @@ def load_official(path: str | Path) -> Artifact:
 # =========================================================================== training data
 
 
-def _read_column(path: Path, column: str, source: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if column not in (reader.fieldnames or []):
-            raise DataError(f"{source}: column {column!r} not found (columns: {', '.join(reader.fieldnames or [])})")
-        values = []
-        for row_no, row in enumerate(reader, start=2):
-            value = (row[column] or "").strip()
-            if not value:
-                raise DataError(f"{source}: row {row_no}: empty {column!r}")
-            values.append(value)
-    return values
-
-
-def _strings(spec: Any, what: str, data_dir) -> list[str]:
-    """A list of strings from an hparam: an inline list, or {file: <data file>, column: <name>}."""
-    from .. import data
-
-    if isinstance(spec, (list, tuple)):
-        return [str(s).strip() for s in spec]
-    if isinstance(spec, Mapping) and "file" in spec:
-        path = data.resolve_data_file(spec["file"], data_dir)
-        return _read_column(path, spec.get("column", "prompt"), f"{spec['file']} (hparams.{what})")
-    raise ConfigError(f"hparams.{what} must be a list of strings or {{file: ..., column: ...}}, got {spec!r}")
-
-
 def fill_template(template: str, word: str, replacement: str) -> str:
     """The official substitution: the replace word, then its lower-case form."""
     return template.replace(word, replacement).replace(word.lower(), replacement)
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str], device, batch: int = 256, progress: bool = False,
-                   desc: str = "encode") -> torch.Tensor:
-    """``models.text_embeddings`` in batches, as fp32 on ``device`` [N, 77, D]: exactly what generation conditions on."""
-    from tqdm.auto import tqdm
-
-    from ..models import text_embeddings
-
-    out = [text_embeddings(pipe, prompts[i : i + batch]).to(device=device, dtype=torch.float32)
-           for i in tqdm(range(0, len(prompts), batch), disable=not progress or len(prompts) <= batch, desc=desc,
-                         unit="batch", leave=False)]
-    hidden = pipe.text_encoder.config.hidden_size
-    return torch.cat(out) if out else torch.empty(0, TOKENS, hidden, device=device)
 
 
 @dataclass
@@ -368,8 +278,8 @@ def nearest_words(pipe, targets: Sequence[str], pool: Sequence[str], k: int, dev
     if k <= 0:
         return [[] for _ in targets]
     pool = sorted(dict.fromkeys(pool))   # the official artist pool is a set(): fix an order
-    pool_emb = F.normalize(encode_prompts(pipe, pool, device).flatten(1), dim=1)
-    target_emb = F.normalize(encode_prompts(pipe, list(targets), device).flatten(1), dim=1)
+    pool_emb = F.normalize(encode_texts(pipe, pool, device).flatten(1), dim=1)
+    target_emb = F.normalize(encode_texts(pipe, list(targets), device).flatten(1), dim=1)
     chosen = []
     for t, te in zip(targets, target_emb):
         allowed = torch.tensor([t.lower() not in p.lower() for p in pool], device=device)
@@ -382,22 +292,22 @@ def nearest_words(pipe, targets: Sequence[str], pool: Sequence[str], k: int, dev
 def build_training_data(pipe, concepts: Sequence[str], hp: Hparams, device, data_dir=None,
                         progress: bool = False) -> TrainingData:
     word = hp.replace_word
-    templates = _strings(hp.templates, "templates", data_dir)
+    templates = text_list("cpe", hp.templates, "templates", data_dir, blanks=False)
     if not any(word in t or word.lower() in t for t in templates):
         raise DataError(f"hparams.templates: no template contains the replace word {word!r}")
     templates = templates + [word]   # the bare word too (official)
-    targets = torch.stack([encode_prompts(pipe, [fill_template(t, word, c) for t in templates], device)
+    targets = torch.stack([encode_texts(pipe, [fill_template(t, word, c) for t in templates], device)
                            for c in concepts])
-    neutral = encode_prompts(pipe, [fill_template(t, word, hp.neutral) for t in templates], device)
-    unconditional = encode_prompts(pipe, [""], device)[0]
+    neutral = encode_texts(pipe, [fill_template(t, word, hp.neutral) for t in templates], device)
+    unconditional = encode_texts(pipe, [""], device)[0]
 
     if hp.anchor_prompts is not None:       # explicit: the anchor sentences as they are, no templates
-        prompts = _strings(hp.anchor_prompts, "anchor_prompts", data_dir)
+        prompts = text_list("cpe", hp.anchor_prompts, "anchor_prompts", data_dir, blanks=False)
         per_concept = [list(range(len(prompts)))] * len(concepts)
         words = [[] for _ in concepts]
     else:                                   # general words + nearest pool entries, x templates
-        general = _strings(hp.anchor_words, "anchor_words", data_dir) if hp.anchor_words else []
-        pool = _strings(hp.anchor_pool, "anchor_pool", data_dir) if hp.anchor_pool else []
+        general = text_list("cpe", hp.anchor_words, "anchor_words", data_dir, blanks=False) if hp.anchor_words else []
+        pool = text_list("cpe", hp.anchor_pool, "anchor_pool", data_dir, blanks=False) if hp.anchor_pool else []
         words = [general + near for near in nearest_words(pipe, concepts, pool, hp.anchor_nearest, device)]
         unique = list(dict.fromkeys(w for ws in words for w in ws))   # duplicates keep their weight below
         slot = {w: i for i, w in enumerate(unique)}
@@ -406,7 +316,7 @@ def build_training_data(pipe, concepts: Sequence[str], hp: Hparams, device, data
         per_concept = [[slot[w] * n_t + j for w in ws for j in range(n_t)] for ws in words]
     if not prompts or any(not rows for rows in per_concept):
         raise DataError("CPE: no anchor prompts (check hparams.anchor_words / anchor_pool / anchor_prompts)")
-    anchors = encode_prompts(pipe, prompts, device, progress=progress, desc="encode anchors")
+    anchors = encode_texts(pipe, prompts, device, progress=progress, desc="encode anchors")
     n_max = max(len(r) for r in per_concept)
     rows = torch.tensor([r + [0] * (n_max - len(r)) for r in per_concept], device=device)
     counts = torch.tensor([len(r) for r in per_concept], device=device)
@@ -899,11 +809,7 @@ class CPE(Method):
     hparams_class = Hparams
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any], ctx: EraseContext | None = None) -> Artifact:
-        names = [c.name.strip() for c in concepts]
-        if not names:
-            raise ConfigError("cpe: no concepts to erase; give the task's concepts or --concepts NAME ...")
-        if any(not n for n in names) or len({n.lower() for n in names}) != len(names):
-            raise ConfigError(f"cpe: concept names must be non-empty and distinct, got {names}")
+        names = concept_names("cpe", concepts)
         hp = Hparams.from_dict(hparams)
         ctx = ctx or EraseContext(device=str(pipe.unet.device))
         tensors, meta = train(pipe, names, hp, ctx)

@@ -1,0 +1,167 @@
+"""What erasure methods share: concept names, hyperparameter parsing, text lists, the K/V projection names.
+
+Every method file (``baselines/*.py``, ``cpebench/methods/*.py``) builds on this module and on
+``cpebench.methods`` (the interface) and ``cpebench.attention`` (edits of the UNet); no method imports
+another method.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, DataError
+from . import Concept, checksums_agree, hparams_from_dict, weight_checksum
+
+log = logging.getLogger(__name__)
+
+TOKENS = 77                       # CLIP's context length: the rows of every text embedding
+PROJECTIONS = ("to_k", "to_v")    # the cross-attention (attn2) projections a weight edit may change
+ENCODE_BATCH = 256                # texts per text-encoder call
+
+
+def concept_names(method: str, concepts: Sequence[Concept | str]) -> list[str]:
+    """The concepts' names, stripped; at least one, none blank, no two equal up to case."""
+    names = [(c.name if isinstance(c, Concept) else str(c)).strip() for c in concepts]
+    if not names:
+        raise ConfigError(f"{method}: no concepts to erase; give the task's concepts or --concepts NAME ...")
+    if any(not n for n in names) or len({n.lower() for n in names}) != len(names):
+        raise ConfigError(f"{method}: concept names must be non-empty and distinct, got {names}")
+    return names
+
+
+def parse_hparams(cls, d: Mapping[str, Any], method: str):
+    """A frozen Hparams dataclass from a mapping (unknown keys named, values typed), then checked."""
+    hp = cls(**hparams_from_dict(cls, d, method))
+    hp.check(method)
+    return hp
+
+
+def check_non_negative(method: str, **values) -> None:
+    for key, v in values.items():
+        if v < 0:
+            raise ConfigError(f"{method}: hparams.{key} must be >= 0, got {v}")
+
+
+def check_projections(projections: Sequence[str], method: str) -> tuple[str, ...]:
+    """A non-empty subset of PROJECTIONS, in PROJECTIONS' order."""
+    unknown = [p for p in projections if p not in PROJECTIONS]
+    if unknown or not projections:
+        raise ConfigError(f"{method}: hparams.projections must be a non-empty subset of {list(PROJECTIONS)} "
+                          f"(the attn2 projections a weight edit changes), got {list(projections)}"
+                          + (f"; unknown: {', '.join(map(repr, unknown))}" if unknown else ""))
+    return tuple(p for p in PROJECTIONS if p in projections)
+
+
+def _read_column(path: Path, column: str, source: str, blanks: bool) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if column not in (reader.fieldnames or []):
+            raise DataError(f"{source}: column {column!r} not found (columns: {', '.join(reader.fieldnames or [])})")
+        values = []
+        for row_no, row in enumerate(reader, start=2):
+            value = (row[column] or "").strip()
+            if not value and not blanks:
+                raise DataError(f"{source}: row {row_no}: empty {column!r}")
+            values.append(value)
+    return values
+
+
+def text_list(method: str, spec: Any, key: str, data_dir, *, blanks: bool = True) -> list[str]:
+    """The texts of an hparam given as a text, a list, or {file: <cpebench data file>, column: <name>}
+    (column defaults to ``prompt``). ``blanks=False``: an empty cell of the file is an error."""
+    from .. import data
+
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [spec.strip()]
+    if isinstance(spec, (list, tuple)):
+        return [str(s).strip() for s in spec]
+    if isinstance(spec, Mapping) and "file" in spec:
+        unknown = sorted(set(spec) - {"file", "column"})
+        if unknown:
+            raise ConfigError(f"{method}: hparams.{key}: unknown key(s) {', '.join(unknown)} (file, column)")
+        path = data.resolve_data_file(spec["file"], data_dir)
+        return _read_column(path, spec.get("column", "prompt"), f"{spec['file']} (hparams.{key})", blanks)
+    raise ConfigError(f"{method}: hparams.{key} must be a list of texts or {{file: ..., column: ...}}, got {spec!r}")
+
+
+def preserve_list(method: str, spec: Any, names: Sequence[str], data_dir, key: str = "preserve") -> list[str]:
+    """Preserve concepts in first-seen order, without blanks, duplicates or erased concepts (UCE's official
+    rule: ``[text for text in retain_texts if text.lower() not in old_texts_lower]``)."""
+    erased = {n.lower() for n in names}
+    return [t for t in dict.fromkeys(text_list(method, spec, key, data_dir)) if t and t.lower() not in erased]
+
+
+@torch.no_grad()
+def encode_texts(pipe, texts: Sequence[str], device, dtype: torch.dtype = torch.float32, *, batch: int = ENCODE_BATCH,
+                 progress: bool = False, desc: str = "encode") -> torch.Tensor:
+    """SD's conditioning (``models.text_embeddings``, what generation conditions on) for ``texts``, in batches
+    of ``batch``, as ``dtype`` [N, 77, D] on ``device``."""
+    from tqdm.auto import tqdm
+
+    from ..models import text_embeddings
+
+    texts = list(texts)
+    out = [text_embeddings(pipe, texts[i : i + batch]).to(device=device, dtype=dtype)
+           for i in tqdm(range(0, len(texts), batch), disable=not progress or len(texts) <= batch, desc=desc,
+                         unit="batch", leave=False)]
+    hidden = pipe.text_encoder.config.hidden_size
+    return torch.cat(out) if out else torch.empty(0, TOKENS, hidden, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- the K/V projections and the base model
+
+
+def kv_layers(unet, projections: Sequence[str] = PROJECTIONS) -> list[tuple[str, torch.nn.Linear]]:
+    """Every ``attn2.<p>`` Linear for p in ``projections``, in the UNet's module order (SD-1.x: 16 per
+    projection; with both, each block's to_k before its to_v, the official CPE/UCE order)."""
+    out = [(name, module) for name, module in unet.named_modules()
+           if isinstance(module, torch.nn.Linear) and any(name.endswith(f"attn2.{p}") for p in projections)]
+    if not out:
+        raise ConfigError("the UNet has no attn2.to_k/to_v layers; cpebench's methods need an SD-1.x UNet")
+    return out
+
+
+def base_kv_sha256(unet) -> str:
+    """Fingerprint of the 32 K/V projections (what CPE reads and UCE, RECE and MACE edit): an artifact made
+    on one base model is refused on another."""
+    h = hashlib.sha256()
+    for name, lin in kv_layers(unet):
+        w = lin.weight.detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode() + str(tuple(w.shape)).encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_kv_checksums(unet) -> dict[str, list[float]]:
+    """``weight_checksum`` of each K/V projection."""
+    return {name: weight_checksum([lin.weight]) for name, lin in kv_layers(unet)}
+
+
+def check_base_kv(artifact, unet, what: str) -> None:
+    """Refuse an artifact computed from other K/V weights. Exact (sha256) in the artifact's precision;
+    a model loaded in fp16/bf16 is compared by per-layer checksums instead, since its rounded weights
+    cannot match the fp32 sha256."""
+    recorded = artifact.metadata.get("base_kv_sha256")
+    if not recorded or recorded == base_kv_sha256(unet):
+        return
+    if unet.dtype != torch.float32:
+        sums = artifact.metadata.get("base_kv_checksums")
+        if sums is None:
+            log.warning("%s artifact predates per-layer checksums: its base model cannot be checked against a %s "
+                        "model (only against fp32)", what, unet.dtype)
+            return
+        now = base_kv_checksums(unet)
+        if set(now) == set(sums) and all(checksums_agree(sums[k], now[k]) for k in now):
+            return
+    raise ConfigError(
+        f"{what} artifact was made from base model {artifact.metadata.get('base_model', '?')!r}, whose K/V weights "
+        "differ from the loaded model's; make it again on this model (or load the model it was made for)")
