@@ -68,7 +68,7 @@ from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
                               read_safetensors, weight_checksum)
-from cpebench.methods.common import concept_names
+from cpebench.methods.common import concept_names, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -396,33 +396,22 @@ class Trainer:
     # ---- resumable state
 
     def save_state(self, path: Path, key: str, seconds: float) -> None:
-        from safetensors.torch import save_file
-
         tensors = {}
         for n, p in zip(self.names, self.params):
-            tensors[f"param.{n}"] = p.detach().cpu().contiguous()
+            tensors[f"param.{n}"] = p
             st = self.opt.state.get(p, {})
             for k, v in st.items():
-                tensors[f"adam.{n}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+                tensors[f"adam.{n}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         tensors["rng"] = self.generator.get_state()
-        meta = {"key": key, "step": str(self.step_done), "losses": json.dumps(self.losses), "seconds": str(seconds)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_state(path, key, tensors, {"step": str(self.step_done), "losses": json.dumps(self.losses),
+                                        "seconds": str(seconds)})
 
     def load_state(self, path: Path, key: str) -> float | None:
         """Restore a saved state of the same training (returns its seconds), or None."""
-        from safetensors import safe_open
-
-        if not path.exists():
+        saved = load_state(path, key, "esd")
+        if saved is None:
             return None
-        with safe_open(str(path), framework="pt") as st:
-            meta = st.metadata() or {}
-            if meta.get("key") != key:
-                log.warning("%s belongs to another training; starting anew", path)
-                return None
-            tensors = {k: st.get_tensor(k) for k in st.keys()}  # safe_open has no __iter__
+        tensors, meta = saved
         state = {}
         for i, (n, p) in enumerate(zip(self.names, self.params)):
             with torch.no_grad():

@@ -55,12 +55,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cpebench.attention import swapped_weights
+from cpebench.attention import KVEdit, probed, swapped_weights
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, hparam_value
 from cpebench.methods.closed_form import read_weights, weight_edit, weight_metadata
 from cpebench.methods.common import (ENCODE_BATCH, PROJECTIONS, TOKENS, check_non_negative, concept_names,
-                                     encode_texts, parse_hparams, preserve_list, text_list)
+                                     encode_texts, load_state, parse_hparams, preserve_list, save_state, text_list)
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +522,17 @@ def focal_pmf(n: int = 1000) -> torch.Tensor:
     return q / q.sum()
 
 
-class LoRA(torch.nn.Module):
+class LoRADelta(KVEdit):
+    """K/V plus ``apply('<layer>.to_k'|'.to_v', context)``: how ``attention.probed`` runs a LoRA. Trained, so
+    never cached."""
+
+    cacheable = False
+
+    def edit(self, layer: str, context: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        return key + self.apply(f"{layer}.to_k", context), value + self.apply(f"{layer}.to_v", context)
+
+
+class LoRA(torch.nn.Module, LoRADelta):
     """Rank-1 LoRA on every attn2 to_k/to_v: ΔW = up · down, down ~ N(0, 1/rank), up = 0, scale 1."""
 
     def __init__(self, layers: Mapping[str, torch.nn.Linear], rank: int, generator: torch.Generator, device):
@@ -551,7 +561,7 @@ class LoRA(torch.nn.Module):
         return {f"{n}.weight": (self.up[i].detach().double() @ self.down[i].detach().double()) for n, i in self.index.items()}
 
 
-class PerSampleLoRA:
+class PerSampleLoRA(LoRADelta):
     """Several concepts' LoRAs in one batch: sample j gets LoRA j, x_j ↦ (x_j downⱼᵀ) upⱼᵀ as two bmm over
     the stacked factors. The parameters stay each LoRA's own, so each gets exactly its own gradient."""
 
@@ -565,46 +575,6 @@ class PerSampleLoRA:
         down = torch.stack([lora.down[i] for lora in self.loras])    # [B, r, in]
         up = torch.stack([lora.up[i] for lora in self.loras])        # [B, d, r]
         return torch.bmm(torch.bmm(x, down.transpose(1, 2)), up.transpose(1, 2))
-
-
-class ProbeProcessor:
-    """attn2 with explicit probabilities (recorded for the loss) and the LoRA added to K/V."""
-
-    def __init__(self, layer: str, lora: LoRA | PerSampleLoRA | None, store: list):
-        self.layer, self.lora, self.store = layer, lora, store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        if encoder_hidden_states is None or hidden_states.ndim != 3:
-            raise RuntimeError(f"{self.layer}: the MACE probe is for SD-1.x cross-attention only")
-        ctx = encoder_hidden_states
-        q = attn.to_q(hidden_states)
-        k, v = attn.to_k(ctx), attn.to_v(ctx)
-        if self.lora is not None:
-            k = k + self.lora.apply(f"{self.layer}.to_k", ctx)
-            v = v + self.lora.apply(f"{self.layer}.to_v", ctx)
-        q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)
-        probs = attn.get_attention_scores(q, k, None)
-        self.store.append(probs)
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out / attn.rescale_output_factor
-
-
-class probed:
-    """Context manager: ProbeProcessor on every attn2 of ``unet``; original processors back on exit."""
-
-    def __init__(self, unet, lora: LoRA | PerSampleLoRA | None):
-        self.unet, self.lora, self.store = unet, lora, []
-
-    def __enter__(self):
-        self.original = self.unet.attn_processors
-        new = {k: (ProbeProcessor(k.removesuffix(".processor"), self.lora, self.store)
-                   if k.endswith("attn2.processor") else p) for k, p in self.original.items()}
-        self.unet.set_attn_processor(new)
-        return self.store
-
-    def __exit__(self, *exc):
-        self.unet.set_attn_processor(self.original)
 
 
 def pixel_masks(mask: torch.Tensor | None, n: int, aspect: float, device) -> torch.Tensor | None:
@@ -968,24 +938,30 @@ def lora_key(hp: Hparams, name: str, index: int, w1: Mapping[str, torch.Tensor])
     return h.hexdigest()
 
 
-def save_lora_state(path: Path | None, key: str, delta: Mapping[str, torch.Tensor], losses, info) -> None:
+def save_lora_state(path: Path | None, key: str, delta: Mapping[str, tuple[torch.Tensor, torch.Tensor]], losses,
+                    info) -> None:
     """One finished concept's LoRA in the workdir: a killed erase resumes with the next concept."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "factors": dict(delta), "losses": list(losses), "info": info}, tmp)
-    tmp.replace(path)
+    tensors = {f"{part}.{k}": t for k, pair in delta.items() for part, t in zip(("up", "down"), pair)}
+    save_state(path, key, tensors, {"layers": json.dumps(list(delta)), "losses": json.dumps(list(losses)),
+                                    "info": json.dumps(info)})
 
 
-def load_lora_state(path: Path | None, key: str):
-    if path is None or not path.exists():
+def load_lora_state(path: Path | None, key: str | None):
+    """(factors {'<layer>.weight': (up, down)}, losses, data record) saved for ``key``; ``key=None``
+    accepts whatever state is there (a benchmark reading its own run)."""
+    if key is None and path is not None and Path(path).exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as st:
+            key = (st.metadata() or {}).get("key")
+    saved = load_state(path, key, "mace")
+    if saved is None:
         return None
-    blob = torch.load(path, map_location="cpu")
-    if blob.get("key") != key:
-        log.info("mace: %s was made with other settings; training again", path)
-        return None
-    return blob["factors"], blob["losses"], blob["info"]
+    tensors, meta = saved
+    factors = {k: (tensors[f"up.{k}"], tensors[f"down.{k}"]) for k in json.loads(meta["layers"])}
+    return factors, json.loads(meta["losses"]), json.loads(meta["info"])
 
 
 def layer_weights(unet, device) -> dict[str, torch.Tensor]:
@@ -1058,7 +1034,7 @@ class MACE(Method):
         results: dict = {}
         pending = []
         for i, n in enumerate(names):
-            state = Path(ctx.workdir) / f"mace-lora-{i:04d}.pt" if ctx.workdir else None
+            state = Path(ctx.workdir) / f"mace-lora-{i:04d}.safetensors" if ctx.workdir else None
             key = lora_key(hp, n, i, w1)
             done = load_lora_state(state, key)
             if done is not None:

@@ -5,6 +5,11 @@
   ``kv_edit(unet, edit)`` installs it and restores the original processor objects on exit.
 * Weight edits (UCE, ESD, RECE, MACE): ``swapped_weights(module, {name: tensor})`` swaps parameter
   storage and puts the original tensors back on exit, so removal is bit-exact and free.
+* Attention maps (MACE's and FMN's losses): ``probed(unet, edit)`` records every attn2 layer's
+  attention probabilities, optionally with a K/V edit, and restores the processors on exit.
+* Edits of any other module driven by the prompt batch (SPM's membranes, SAFREE's embedding
+  projection): ``context_edit(unet, edit)`` runs ``edit.prepare(context)`` once per prompt batch and
+  ``edit.output`` as a forward hook on the modules it names; every hook is removed on exit.
 
 Never monkey-patches ``forward``.
 """
@@ -12,10 +17,13 @@ Never monkey-patches ``forward``.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .errors import ConfigError
 
 
 class KVEdit:
@@ -136,6 +144,7 @@ def fixed_cross_kv(unet) -> Iterator[Callable[[torch.Tensor], None] | None]:
     sources = {k: p for k, p in original.items() if k.endswith("attn2.processor")}
     fixable = all(type(p).__name__ in _PLAIN_PROCESSORS
                   or (isinstance(p, KVEditProcessor) and all(e.cacheable for e in p.edits)) for p in sources.values())
+    fixable = fixable and not any(i.edit.changes_context for i in _registry(unet))
     if not fixable:
         yield None
         return
@@ -184,6 +193,177 @@ def kv_edit(unet, edit: KVEdit) -> Iterator[None]:
         yield
     finally:
         unet.set_attn_processor(original)
+
+
+class AttentionProbe:
+    """attn2 with explicit attention probabilities (diffusers' ``get_attention_scores``, not SDPA), each
+    appended to ``store`` as [B·heads, N, 77], and an optional K/V edit. For training losses on
+    attention maps; generation never uses it."""
+
+    def __init__(self, layer: str, edit: KVEdit | None, store: list):
+        self.layer, self.edit, self.store = layer, edit, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if encoder_hidden_states is None or hidden_states.ndim != 3:
+            raise RuntimeError(f"{self.layer}: the attention probe is for SD-1.x cross-attention only")
+        ctx = encoder_hidden_states
+        q = attn.to_q(hidden_states)
+        k, v = attn.to_k(ctx), attn.to_v(ctx)
+        if self.edit is not None:
+            k, v = self.edit.edit(self.layer, ctx, k, v)
+        q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)
+        probs = attn.get_attention_scores(q, k, None)
+        self.store.append(probs)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def probed(unet, edit: KVEdit | None = None) -> Iterator[list]:
+    """``AttentionProbe`` on every attn2 of ``unet``; yields the list the probabilities are appended to
+    (in the UNet's call order). The original processor objects are back on exit."""
+    original = unet.attn_processors
+    store: list = []
+    unet.set_attn_processor({k: (AttentionProbe(layer_name(k), edit, store) if k.endswith("attn2.processor") else p)
+                             for k, p in original.items()})
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(original)
+
+
+# --------------------------------------------------------------------------- edits of any module, per prompt batch
+
+
+@dataclass
+class ContextBatch:
+    """What a ``ContextEdit`` is prepared for: the UNet's text context and, when the engine announced
+    the batch (``announce_batch``), its texts. With classifier-free guidance the context is
+    ``[negatives; prompts]``: rows 0..B-1 are the negative prompts, rows B..2B-1 the prompts."""
+
+    context: torch.Tensor
+    prompts: list[str] | None = None
+    negatives: list[str] | None = None
+
+
+class ContextEdit:
+    """Base class for edits of UNet modules driven by the prompt batch (SPM's membranes on every linear
+    layer, SAFREE's projection of the text embeddings).
+
+    ``prepare`` runs once per prompt batch (a new context tensor, or one changed in place), before the
+    first denoising step; ``output`` is a forward hook on each module named in ``modules`` (it returns
+    the module's new output); ``context`` may give the UNet other text embeddings at step ``step``
+    (0-based UNet calls since ``prepare``), and then ``changes_context`` must be True, so that K/V are
+    not fixed once per batch."""
+
+    modules: tuple[str, ...] = ()
+    changes_context: bool = False
+
+    def prepare(self, batch: ContextBatch) -> None:
+        pass
+
+    def context(self, context: torch.Tensor, step: int) -> torch.Tensor:
+        return context
+
+    def output(self, name: str, module: torch.nn.Module, inputs: tuple, output):
+        return output
+
+
+class _Installed:
+    """One installed ContextEdit: which context it was prepared for, and the steps since."""
+
+    def __init__(self, edit: ContextEdit):
+        self.edit = edit
+        self.prepared_for: torch.Tensor | None = None   # strong ref: the identity check is safe
+        self.version = -1
+        self.step = 0
+
+    def ensure(self, batch: ContextBatch) -> None:
+        ctx = batch.context
+        if ctx is not self.prepared_for or ctx._version != self.version:
+            self.edit.prepare(batch)
+            self.prepared_for, self.version, self.step = ctx, ctx._version, 0
+
+
+def _registry(unet) -> list:
+    return unet.__dict__.setdefault("_cpebench_context_edits", [])
+
+
+def announce_batch(unet, context: torch.Tensor, prompts: Sequence[str], negatives: Sequence[str]) -> None:
+    """The engine names the texts of the context it is about to denoise with (``[negatives; prompts]``):
+    installed ContextEdits are prepared now, with the texts, before any K/V are computed from it."""
+    batch = ContextBatch(context, list(prompts), list(negatives))
+    unet.__dict__["_cpebench_announced"] = batch
+    for installed in _registry(unet):
+        installed.ensure(batch)
+
+
+def _is_compiled(module) -> bool:
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+@contextmanager
+def context_edit(unet, edit: ContextEdit) -> Iterator[None]:
+    """Install ``edit`` on ``unet`` for the block: a forward pre-hook on the UNet prepares it once per
+    context (and swaps the context when ``changes_context``), forward hooks on ``edit.modules`` change
+    their outputs. Every hook is removed on exit; nothing else is touched, so K/V edits and weight
+    edits compose with it. On a compiled UNet the compiled graphs are dropped and traced again with
+    the hooks (dynamo's default skips guards on hooks, so the old graphs would silently run without
+    them), and once more without them on exit."""
+    named = dict(unet.named_modules())
+    unknown = [m for m in edit.modules if m not in named]
+    if unknown:
+        raise ConfigError(f"{type(edit).__name__}: the UNet has no module(s) {', '.join(unknown[:5])}")
+    installed = _Installed(edit)
+
+    def pre_hook(module, args, kwargs):
+        from_kwargs = "encoder_hidden_states" in kwargs
+        context = kwargs["encoder_hidden_states"] if from_kwargs else args[2]
+        announced = unet.__dict__.get("_cpebench_announced")
+        installed.ensure(announced if announced is not None and announced.context is context else ContextBatch(context))
+        if not edit.changes_context:
+            return None
+        new = edit.context(context, installed.step)
+        installed.step += 1
+        if from_kwargs:
+            return args, {**kwargs, "encoder_hidden_states": new}
+        return (*args[:2], new, *args[3:]), kwargs
+
+    def output_hook(name):
+        return lambda module, inputs, output: edit.output(name, module, inputs, output)
+
+    handles = []
+    with _retraced(_is_compiled(unet)):
+        try:
+            handles.append(unet.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles += [named[m].register_forward_hook(output_hook(m)) for m in edit.modules]
+            _registry(unet).append(installed)
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            if installed in _registry(unet):
+                _registry(unet).remove(installed)
+            unet.__dict__.pop("_cpebench_announced", None)
+
+
+@contextmanager
+def _retraced(compiled: bool) -> Iterator[None]:
+    """Compiled code traced with the hooks of this block, guarded on them; traced afresh after it."""
+    if not compiled:
+        yield
+        return
+    import torch._dynamo
+
+    skip = torch._dynamo.config.skip_nnmodule_hook_guards
+    torch._dynamo.reset()
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+        torch._dynamo.config.skip_nnmodule_hook_guards = skip
 
 
 @contextmanager

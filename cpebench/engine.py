@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .attention import announce_batch
 from .config import ProtocolConfig, check_speed_settings
 from .data import PromptRecord
 from .errors import ConfigError, CpebenchError
@@ -354,9 +355,11 @@ class Engine:
         # UNet runs in protocol.dtype (in fp32 this is the reference computation, bit for bit).
         latents = noise.to(self.device, non_blocking=True) * scheduler.init_noise_sigma
 
-        cond, truncated = self.encode([it.record.prompt for it in items])
-        uncond, _ = self.encode([it.negative_prompt for it in items])
+        prompts, negatives = [it.record.prompt for it in items], [it.negative_prompt for it in items]
+        cond, truncated = self.encode(prompts)
+        uncond, _ = self.encode(negatives)
         context = torch.cat([uncond, cond])   # one tensor for all steps: K/V edits are cached on it
+        announce_batch(self.pipe.unet, context, prompts, negatives)
         if set_context is not None:
             set_context(context)
         guidance = torch.tensor([it.guidance for it in items]).view(-1, 1, 1, 1).to(self.device, non_blocking=True)

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from cpebench.attention import KVEdit, KVEditProcessor, kv_edit, swapped_weights
+from cpebench.attention import ContextEdit, KVEdit, KVEditProcessor, context_edit, kv_edit, swapped_weights
 
 
 class Identity(KVEdit):
@@ -141,3 +141,204 @@ def test_swapped_weights_rejects_bad_names_and_shapes(tiny):
         with swapped_weights(unet, {name: torch.zeros(3, 3)}):
             pass
     assert dict(unet.named_parameters())[name].data_ptr() == original.data_ptr()
+
+
+# --------------------------------------------------------------------------- the attention probe
+
+
+def test_probe_records_attention_maps_and_restores_processors(tiny):
+    from cpebench.attention import probed
+
+    pipe = tiny.pipe
+    ctx = context(pipe)
+    before = pipe.unet.attn_processors
+    ref = unet_out(pipe, ctx, steps=(999,))[0]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), probed(pipe.unet) as store:
+        out = pipe.unet(x, 999, encoder_hidden_states=ctx).sample
+    attn2 = [pipe.unet.get_submodule(k.removesuffix(".processor")) for k in before if k.endswith("attn2.processor")]
+    assert len(store) == len(attn2) == 16
+    for probs, attn in zip(store, attn2):
+        assert probs.shape[0] == 2 * attn.heads and probs.shape[2] == 77
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]))   # softmax rows
+    # The probe computes attention with explicit probabilities instead of SDPA: equal up to fp32 rounding,
+    # bounded by 4x the plain output's own distance from float64 (measured ratio < 1 on AVX2 and AVX-512).
+    exact = copy.deepcopy(pipe.unet).double()(x.double(), 999, encoder_hidden_states=ctx.double()).sample
+    assert (out - ref).abs().max() <= 4 * (ref - exact).abs().max()
+    assert all(before[k] is v for k, v in pipe.unet.attn_processors.items())
+
+
+def test_probe_applies_its_kv_edit(tiny):
+    from cpebench.attention import probed
+
+    pipe = tiny.pipe
+    ctx = context(pipe)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with probed(pipe.unet) as plain:
+            pipe.unet(x, 999, encoder_hidden_states=ctx)
+        edit = ShiftValue()
+        with probed(pipe.unet, edit) as shifted:
+            pipe.unet(x, 999, encoder_hidden_states=ctx)
+    assert len(edit.layers) == 16
+    # The shift is on V only: the first layer's map (its Q and K) is the same bits; the layers after it
+    # see the shifted values through their inputs.
+    assert torch.equal(plain[0], shifted[0]) and not torch.equal(plain[-1], shifted[-1])
+
+
+# --------------------------------------------------------------------------- context edits of any module
+
+
+class Recorder(ContextEdit):
+    """Scales the outputs of ``modules`` by ``scale`` (1.0 = identity) and counts what it is asked."""
+
+    def __init__(self, modules, scale=1.0, swap=None):
+        self.modules, self.scale, self.swap = tuple(modules), scale, swap
+        self.changes_context = swap is not None
+        self.batches, self.steps, self.outputs = [], [], []
+
+    def prepare(self, batch):
+        self.batches.append(batch)
+
+    def context(self, context, step):
+        self.steps.append(step)
+        return self.swap
+
+    def output(self, name, module, inputs, output):
+        self.outputs.append(name)
+        return output * self.scale if self.scale != 1.0 else output
+
+
+def some_modules(unet):
+    names = [n for n, _ in unet.named_modules()]
+    return [next(n for n in names if n.endswith("attn2.to_k")), next(n for n in names if n.endswith("ff.net.2")),
+            next(n for n in names if n.endswith("attn1.to_out.0"))]
+
+
+def no_hooks(module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+
+
+def test_identity_context_edit_changes_no_bit_prepares_once_per_context(tiny):
+    pipe = tiny.pipe
+    ctx = context(pipe)
+    ref = unet_out(pipe, ctx, steps=(999, 500, 1))
+    edit = Recorder(some_modules(pipe.unet))
+    with context_edit(pipe.unet, edit):
+        out = unet_out(pipe, ctx, steps=(999, 500, 1))
+        assert len(edit.batches) == 1 and edit.batches[0].context is ctx and edit.batches[0].prompts is None
+        assert len(edit.outputs) == 3 * 3
+        other = ctx.clone()
+        unet_out(pipe, other, steps=(999,))
+        assert len(edit.batches) == 2          # a new context tensor
+        other.mul_(1.0)
+        unet_out(pipe, other, steps=(999,))
+        assert len(edit.batches) == 3          # the same tensor changed in place
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    assert no_hooks(pipe.unet) and not pipe.unet.__dict__["_cpebench_context_edits"]
+
+
+def test_context_edit_changes_output_and_removal_restores_bit_for_bit(tiny):
+    pipe = tiny.pipe
+    ctx = context(pipe)
+    ref = unet_out(pipe, ctx)
+    with context_edit(pipe.unet, Recorder(some_modules(pipe.unet), scale=1.5)):
+        edited = unet_out(pipe, ctx)
+    assert not torch.allclose(ref[0], edited[0])
+    assert all(torch.equal(a, b) for a, b in zip(ref, unet_out(pipe, ctx)))
+    assert no_hooks(pipe.unet)
+    try:
+        with context_edit(pipe.unet, Recorder(some_modules(pipe.unet), scale=1.5)):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert no_hooks(pipe.unet)
+
+
+def test_context_edit_rejects_unknown_modules(tiny):
+    import pytest
+
+    from cpebench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no module"):
+        with context_edit(tiny.pipe.unet, Recorder(["down_blocks.9.nothing"])):
+            pass
+    assert no_hooks(tiny.pipe.unet)
+
+
+def test_context_edit_nests_with_kv_edit(tiny):
+    pipe = tiny.pipe
+    ctx = context(pipe)
+    ref = unet_out(pipe, ctx)
+    with kv_edit(pipe.unet, ShiftValue()):
+        kv_only = unet_out(pipe, ctx)
+    with context_edit(pipe.unet, Recorder(some_modules(pipe.unet), scale=1.5)):
+        hooks_only = unet_out(pipe, ctx)
+        with kv_edit(pipe.unet, ShiftValue()):
+            both = unet_out(pipe, ctx)
+    assert not torch.allclose(both[0], kv_only[0]) and not torch.allclose(both[0], hooks_only[0])
+    with context_edit(pipe.unet, Recorder(some_modules(pipe.unet))), kv_edit(pipe.unet, ShiftValue()):
+        identity_hooks = unet_out(pipe, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(kv_only, identity_hooks))
+    assert all(torch.equal(a, b) for a, b in zip(ref, unet_out(pipe, ctx)))
+
+
+def test_context_swap_is_per_step_and_disables_fixed_kv(tiny):
+    from cpebench.attention import fixed_cross_kv
+
+    pipe = tiny.pipe
+    ctx = context(pipe)
+    swapped = ctx.flip(0).contiguous()         # the other prompt's embedding for each sample
+    want = unet_out(pipe, swapped)
+    edit = Recorder([], swap=swapped)
+    with context_edit(pipe.unet, edit):
+        with fixed_cross_kv(pipe.unet) as set_context:
+            assert set_context is None          # K/V must follow the context of each step
+        got = unet_out(pipe, ctx)
+    assert edit.steps == [0, 1] and len(edit.batches) == 1
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_engine_announces_its_prompts_and_identity_edit_keeps_images(tiny):
+    import numpy as np
+
+    from cpebench.config import ProtocolConfig
+    from cpebench.data import PromptRecord
+    from cpebench.engine import Engine, plan_items
+
+    pipe = tiny.pipe
+    records = [PromptRecord(str(i), p, i, None, "test", None) for i, p in enumerate(["a cat", "a dog"])]
+    items = plan_items("s", records, images_per_row=1, negative_prompt="blurry", default_guidance=7.5,
+                       per_row_guidance=False)
+    engine = Engine(pipe, ProtocolConfig(model="tiny", steps=3, height=64, width=64), batch_size=2, progress=False)
+    ref = engine.denoise(items)[0]
+    edit = Recorder(some_modules(pipe.unet))
+    with context_edit(pipe.unet, edit):
+        out = engine.denoise(items)[0]
+    assert np.array_equal(ref, out)
+    assert len(edit.batches) == 1
+    batch = edit.batches[0]
+    assert batch.prompts == ["a cat", "a dog"] and batch.negatives == ["blurry", "blurry"]
+    assert batch.context.shape[0] == 4
+
+
+def test_context_edit_on_a_compiled_unet_runs_its_hooks(tiny):
+    """Compiled blocks were traced without the hooks: context_edit has them traced again (eager backend:
+    same kernels, so the same bits as the uncompiled UNet), and without them again on exit."""
+    from cpebench.engine import compile_model
+
+    pipe = tiny.pipe
+    ctx = context(pipe)
+    ref = unet_out(pipe, ctx)
+    with context_edit(pipe.unet, Recorder(some_modules(pipe.unet), scale=1.5)):
+        want = unet_out(pipe, ctx)
+    try:
+        for how in ("regional", "full"):
+            compile_model(pipe, how, backend="eager")
+            assert all(torch.equal(a, b) for a, b in zip(ref, unet_out(pipe, ctx)))
+            with context_edit(pipe.unet, Recorder(some_modules(pipe.unet), scale=1.5)):
+                got = unet_out(pipe, ctx)
+            assert all(torch.equal(a, b) for a, b in zip(want, got)), how
+            assert all(torch.equal(a, b) for a, b in zip(ref, unet_out(pipe, ctx))), how
+    finally:
+        compile_model(pipe, "none")

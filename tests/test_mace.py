@@ -510,7 +510,7 @@ def test_resume_from_workdir(pipe, tmp_path, monkeypatch):
     hp = dict(FAST, max_train_steps=2, n_images=1)
     ctx = EraseContext(progress=False, workdir=tmp_path)
     first = MACE().erase(pipe, [Concept("van gogh")], hp, ctx)
-    assert (tmp_path / "mace-lora-0000.pt").exists()
+    assert (tmp_path / "mace-lora-0000.safetensors").exists()
 
     def boom(*a, **k):
         raise AssertionError("trained again")
@@ -544,7 +544,7 @@ def test_resume_grouped_training_after_a_kill(pipe, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         MACE().erase(pipe, concepts, hp, EraseContext(progress=False, workdir=work))
     assert calls == [GROUP[:2], GROUP[2:]]
-    assert sorted(p.name for p in work.glob("mace-lora-*.pt")) == ["mace-lora-0000.pt", "mace-lora-0001.pt"]
+    assert sorted(p.name for p in work.glob("mace-lora-*.safetensors")) == ["mace-lora-0000.safetensors", "mace-lora-0001.safetensors"]
     calls.clear()
     resumed = MACE().erase(pipe, concepts, dict(hp, lora_concepts_per_step=3), EraseContext(progress=False, workdir=work))
     assert calls == [GROUP[2:]]

@@ -200,7 +200,7 @@ def reference_run(pipe, names, hp, images, w1, device) -> tuple[float, list]:
 
 def cpebench_run(pipe, names, hparams: dict, device, data_dir) -> tuple[dict, list]:
     """MACE.erase with a workdir: (stage_seconds, [(factors, losses)] from the per-concept LoRA states)."""
-    from baselines.mace import MACE
+    from baselines.mace import MACE, load_lora_state
     from cpebench.methods import Concept, EraseContext
 
     with tempfile.TemporaryDirectory() as work:
@@ -208,8 +208,8 @@ def cpebench_run(pipe, names, hparams: dict, device, data_dir) -> tuple[dict, li
         sync(device)
         art = MACE().erase(pipe, [Concept(n) for n in names], hparams, ctx)
         sync(device)
-        blobs = [torch.load(Path(work) / f"mace-lora-{i:04d}.pt", map_location="cpu") for i in range(len(names))]
-    return art.metadata["stage_seconds"], [(b["factors"], b["losses"]) for b in blobs]
+        states = [load_lora_state(Path(work) / f"mace-lora-{i:04d}.safetensors", None) for i in range(len(names))]
+    return art.metadata["stage_seconds"], [(factors, losses) for factors, losses, _ in states]
 
 
 def delta_rel(a: dict, b: dict) -> float:

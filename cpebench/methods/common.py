@@ -165,3 +165,40 @@ def check_base_kv(artifact, unet, what: str) -> None:
     raise ConfigError(
         f"{what} artifact was made from base model {artifact.metadata.get('base_model', '?')!r}, whose K/V weights "
         "differ from the loaded model's; make it again on this model (or load the model it was made for)")
+
+
+# --------------------------------------------------------------------------- resumable training state
+
+
+def save_state(path: Path, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None) -> None:
+    """Write a training state atomically (a ``.tmp`` file renamed over ``path``): a kill mid-write leaves the
+    previous state. ``key`` names the training it belongs to (settings, concepts): ``load_state`` gives the
+    state back only for the same key."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={**dict(meta or {}), "key": key})
+    tmp.replace(path)
+
+
+def load_state(path: Path | None, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(tensors, metadata) of the state ``save_state`` wrote for ``key``; None when there is none, or when
+    the file belongs to another training (logged: that training starts anew)."""
+    from safetensors import SafetensorError, safe_open
+
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            meta = st.metadata() or {}
+            if meta.get("key") != key:
+                log.warning("%s: %s belongs to another training; starting anew", what, path)
+                return None
+            tensors = {k: st.get_tensor(k) for k in st.keys()}  # safe_open has no __iter__
+    except SafetensorError as err:     # e.g. a state from an older cpebench (pickled) or a truncated copy
+        log.warning("%s: %s is not a readable state (%s); starting anew", what, path, err)
+        return None
+    return tensors, meta

@@ -55,7 +55,7 @@ from ..attention import KVEdit, kv_edit
 from ..errors import ConfigError, DataError
 from . import Artifact, Concept, EraseContext, Method, hparams_from_dict, read_safetensors
 from .common import (TOKENS, base_kv_checksums, base_kv_sha256, check_base_kv, concept_names, encode_texts, kv_layers,
-                     text_list)
+                     load_state, save_state, text_list)
 
 log = logging.getLogger(__name__)
 
@@ -665,31 +665,20 @@ def stage_steps(hp: Hparams, stage: int) -> int:
 
 
 def _save_state(path: Path, state: GroupState, gens, concepts, words) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.net.state_dict().items()}
+    tensors = dict(state.net.state_dict())
     if state.delta is not None:
-        tensors["delta"] = state.delta.cpu().contiguous()
+        tensors["delta"] = state.delta
     for i, g in enumerate(gens):
         tensors[f"rng.{i}"] = g.get_state()
-    meta = {"stage_done": str(state.stage_done), "concepts": json.dumps(list(concepts)),
-            "anchor_words": json.dumps(words), "log": json.dumps(state.log)}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    meta = {"stage_done": str(state.stage_done), "anchor_words": json.dumps(words), "log": json.dumps(state.log)}
+    save_state(path, json.dumps(list(concepts)), tensors, meta)
 
 
 def _load_state(path: Path, net: ConceptBatch, gens, concepts) -> tuple[GroupState, list] | None:
-    from safetensors import safe_open
-
-    if not path.exists():
+    saved = load_state(path, json.dumps(list(concepts)), "cpe")
+    if saved is None:
         return None
-    with safe_open(str(path), framework="pt") as st:
-        meta = st.metadata()
-        if json.loads(meta["concepts"]) != list(concepts):
-            log.warning("%s holds other concepts; starting this group anew", path)
-            return None
-        tensors = {k: st.get_tensor(k) for k in st.keys()}  # safe_open has no __iter__
+    tensors, meta = saved
     device = net.q.device
     net.load_state_dict({k: tensors[k].to(device) for k in net.state_dict()})
     for i, g in enumerate(gens):
