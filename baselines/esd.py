@@ -583,9 +583,6 @@ class _ESD(Method):
     def hparams(self, hparams: Mapping[str, Any] | None) -> Hparams:
         return Hparams.from_dict(dict(hparams or {}), self.name, self.default_train_method, self.train_methods)
 
-    def parse_hparams(self, hparams: Mapping[str, Any] | None) -> dict[str, Any]:
-        return asdict(self.hparams(hparams))    # ESD's Hparams holds scalars only
-
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:
         names = concept_names(self.name, concepts)

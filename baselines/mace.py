@@ -986,7 +986,7 @@ class MACE(Method):
         from cpebench.data import cache_dir
 
         names = [train_name(n) for n in concept_names(self.name, concepts)]
-        hp = Hparams.from_dict(hparams)
+        hp = self.hparams(hparams)
         ctx = ctx or EraseContext(device=str(pipe.unet.device))
         device = torch.device(ctx.device)
         started = time.perf_counter()

@@ -281,7 +281,7 @@ class RECE(Method):
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:
         names = concept_names(self.name, concepts)
-        hp = Hparams.from_dict(hparams)
+        hp = self.hparams(hparams)
         ctx = ctx or EraseContext(device=str(pipe.unet.device))
         weights, record = rece(pipe, names, hp, torch.device(ctx.device), ctx.data_dir, ctx.progress)
         meta = {**weight_metadata(pipe.unet, names, hp.projections), **record}

@@ -90,7 +90,7 @@ class UCE(Method):
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:
         names = concept_names(self.name, concepts)
-        hp = Hparams.from_dict(hparams)
+        hp = self.hparams(hparams)
         ctx = ctx or EraseContext(device=str(pipe.unet.device))
         device = torch.device(ctx.device)
         started = time.perf_counter()

@@ -351,10 +351,35 @@ def load_task(name: str) -> tuple[TaskConfig, dict]:
     return build(TaskConfig, raw, str(path)), raw
 
 
-def load_method_config(name: str) -> MethodConfig:
-    """A method's YAML, or an empty config if the method ships none (third-party plugins)."""
+def method_config_path(name: str) -> Path | None:
+    """``benchmarks/methods/<name>.yaml``, else the YAML a plugin ships in its own package (its Method
+    class's ``config_file``, relative to the module that defines the class), else None."""
+    import inspect
+
+    from .errors import RegistryError
+    from .registry import METHODS
+
     path = benchmarks_dir() / "methods" / f"{name}.yaml"
+    if path.exists():
+        return path
+    try:
+        cls = METHODS.get(name)
+    except RegistryError:
+        return None
+    shipped = getattr(cls, "config_file", None)
+    if not shipped:
+        return None
+    path = Path(inspect.getfile(cls)).resolve().parent / shipped
     if not path.exists():
+        raise ConfigError(f"method {name!r}: its config_file {str(shipped)!r} is not at {path} "
+                          "(ship it as package data next to the module)")
+    return path
+
+
+def load_method_config(name: str) -> MethodConfig:
+    """A method's YAML (``method_config_path``), or an empty config if the method has none."""
+    path = method_config_path(name)
+    if path is None:
         return MethodConfig(name=name)
     raw = load_yaml_with_includes(path, MethodConfig)
     raw.setdefault("name", name)

@@ -1,6 +1,7 @@
 """The Method interface and the erased-model artifact.
 
-A method is one file plus one YAML (``benchmarks/methods/<name>.yaml``): ``erase`` returns an
+A method is one file plus one YAML (``benchmarks/methods/<name>.yaml``, or for a third-party
+plugin the file its class names in ``config_file``, shipped in its own package): ``erase`` returns an
 ``Artifact``; ``apply`` is a context manager that edits the pipeline through ``cpebench.attention``
 and restores it exactly on exit. Register third-party methods under the entry-point group
 ``cpebench.methods``.
@@ -158,14 +159,23 @@ class Method(abc.ABC):
     trains: ClassVar[bool] = True          # False: erase is free (no cache needed)
     operational_hparams: ClassVar[tuple] = ()   # hparams that do not change the result (not fingerprinted)
     hparams_class: ClassVar[type | None] = None   # the method's Hparams dataclass (``from_dict(mapping)``)
+    # A plugin's own YAML (hparams per task, sources), shipped as package data: a path relative to the
+    # module defining the class. Built-ins keep theirs in benchmarks/methods/<name>.yaml, which wins.
+    config_file: ClassVar[str | None] = None
 
-    def parse_hparams(self, hparams: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Every hyperparameter checked and typed, defaults filled in: parsed once, before the model
-        loads, and what the cache key hashes (``1e-5`` from the command line and ``1.0e-5`` from YAML are
-        the same value). Parsing the result again gives it back unchanged."""
+    def hparams(self, hparams: Mapping[str, Any] | None) -> Any:
+        """The method's ``Hparams`` (checked, typed, defaults filled in) from a mapping; ``erase`` starts
+        with it. A method without an ``hparams_class`` gets the mapping as a dict."""
         if self.hparams_class is None:
             return dict(hparams or {})
-        return plain(dataclasses.asdict(self.hparams_class.from_dict(dict(hparams or {}))))
+        return self.hparams_class.from_dict(dict(hparams or {}))
+
+    def parse_hparams(self, hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``hparams`` as plain data: parsed once, before the model loads (a bad value fails before
+        minutes of loading), and what the cache key hashes (``1e-5`` from the command line and
+        ``1.0e-5`` from YAML are the same value). Parsing the result again gives it back unchanged."""
+        hp = self.hparams(hparams)
+        return hp if isinstance(hp, dict) else plain(dataclasses.asdict(hp))
 
     @abc.abstractmethod
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],

@@ -799,7 +799,7 @@ class CPE(Method):
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any], ctx: EraseContext | None = None) -> Artifact:
         names = concept_names("cpe", concepts)
-        hp = Hparams.from_dict(hparams)
+        hp = self.hparams(hparams)
         ctx = ctx or EraseContext(device=str(pipe.unet.device))
         tensors, meta = train(pipe, names, hp, ctx)
         return Artifact(method=self.name, tensors=tensors, metadata={"concepts": names, **meta})
