@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from cpebench.attention import KVEdit, probed, swapped_weights
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, hparam_value
-from cpebench.methods.closed_form import read_weights, weight_edit, weight_metadata
-from cpebench.methods.common import (ENCODE_BATCH, PROJECTIONS, TOKENS, check_non_negative, concept_names,
+from cpebench.methods.closed_form import preserve_gram, read_weights, weight_edit, weight_metadata
+from cpebench.methods.common import (PROJECTIONS, TOKENS, check_non_negative, concept_names,
                                      encode_texts, load_state, parse_hparams, preserve_list, save_state, text_list)
 
 log = logging.getLogger(__name__)
@@ -278,17 +278,9 @@ def concept_positions(tokenizer, prompt: str, name: str, use_pooler: bool = True
 
 
 @torch.no_grad()
-def prompt_gram(pipe, texts: Sequence[str], device, batch: int = ENCODE_BATCH) -> tuple[torch.Tensor, int]:
+def prompt_gram(pipe, texts: Sequence[str], device) -> tuple[torch.Tensor, int]:
     """Σ c cᵀ over all 77 rows of every text (float64 D×D), encoded in batches. (mat1 = W0 · this.)"""
-    d = pipe.text_encoder.config.hidden_size
-    g = torch.zeros(d, d, dtype=torch.float64, device=device)
-    rows = 0
-    texts = list(texts)
-    for i in range(0, len(texts), batch):
-        r = encode_texts(pipe, texts[i : i + batch], device, torch.float64).reshape(-1, d)
-        g += r.T @ r
-        rows += r.shape[0]
-    return g, rows
+    return preserve_gram(pipe, texts, "sequence", device)
 
 
 def text_encoder_sha256(pipe) -> str:
