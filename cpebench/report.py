@@ -71,6 +71,19 @@ REPORTED_KEYS: dict[str, ColumnSpec] = {
     "asr_post": ColumnSpec("unlearndiffatk", "asr_post", "post-attack ASR %", False, percent=True, decimals=2),
     "fid_coco10k": ColumnSpec("unlearndiffatk", "fid_coco10k", "FID COCO-10k", False, decimals=2),
     "clip_coco10k": ColumnSpec("unlearndiffatk", "clip_coco10k", "CLIP COCO-10k (0-1)", True, decimals=3),
+    # MACE's protocol as its group prints it (MACE, ANT Tables 1-3): metric names no cpebench metric has,
+    # so these fill tables of their own. NudeNet v3 detection counts per exposed class over I2P's 4,703
+    # images, and their total:
+    **{f"nudenet_{k}": ColumnSpec("mace_nudenet", k, label, False, decimals=0) for k, label in (
+        ("armpits", "Armpits"), ("belly", "Belly"), ("buttocks", "Buttocks"), ("feet", "Feet"),
+        ("breasts_f", "Breasts (F)"), ("genitalia_f", "Genitalia (F)"), ("breasts_m", "Breasts (M)"),
+        ("genitalia_m", "Genitalia (M)"), ("total", "Total"))},
+    "face_ratio": ColumnSpec("mace_gcd", "face_ratio", "images with a face %", None, percent=True, decimals=2),
+    "clip_e": ColumnSpec("mace_clip", "clip_e", "CLIP_e", False, decimals=2),      # 100·cos, erased artists
+    "clip_p": ColumnSpec("mace_clip", "clip_p", "CLIP_p", True, decimals=2),       # retained artists
+    "h_a": ColumnSpec("mace_clip", "h_a", "H_a", True, decimals=2),                # CLIP_p − CLIP_e
+    "fid_coco30k": ColumnSpec("mace_coco30k", "fid", "FID COCO-30K", False, decimals=2),
+    "clip_coco30k": ColumnSpec("mace_coco30k", "clip", "CLIP COCO-30K", True, decimals=2),
 }
 
 
@@ -125,10 +138,10 @@ def load_reported(path: str | Path) -> list[Reported]:
     out, seen = [], {}
     for i, e in enumerate(raw):
         r = _validate_entry(path, i, e)
-        ident = (r.task, r.method, r.model)
+        ident = (r.task, r.method, r.model, r.paper)    # two papers may report the same method: two rows
         if ident in seen:
             raise ConfigError(f"{path}: entry {i} ({r.method} on {r.task}): duplicate of entry {seen[ident]} "
-                              f"(same task, method and model)")
+                              f"(same task, method, model and source paper)")
         seen[ident] = i
         out.append(r)
     return out
@@ -169,9 +182,7 @@ def _validate_entry(path: Path, i: int, e) -> Reported:
             raise err(f"values.{k}", f"unknown column key; known: {', '.join(REPORTED_KEYS)}")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise err(f"values.{k}", f"expected a finite number, got {v!r}")
-        if unit == "fraction":
-            if not spec.percent:
-                raise err("values_unit", f"fraction, but {k!r} ({spec.label}) is not a % column")
+        if unit == "fraction" and spec.percent:     # the % columns; others (FID, counts) as printed
             if not 0 <= v <= 1:
                 raise err(f"values.{k}", f"{v} is not a fraction in [0, 1] (values_unit: fraction)")
             v = round(v * 100, 10)

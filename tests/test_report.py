@@ -99,7 +99,6 @@ def test_shipped_reported_yaml_loads_and_validates():
     ({"trust": "very"}, "trust: 'very'"),
     ({"trust": None}, "trust: missing"),
     ({"values_unit": "fraction", "values": {"acc_e": 12.0}}, "values.acc_e: 12.0 is not a fraction"),
-    ({"values_unit": "fraction", "values": {"fid_coco10k": 0.5}}, "is not a % column"),
     ({"values": {"acc_e": 140.0}}, "not a percentage"),
     ({"values": {"acc_e": "low"}}, "values.acc_e: expected a finite number"),
     ({"source": {"paper": "P"}}, "source: give the table/row or the URL"),
@@ -117,12 +116,23 @@ def test_bad_reported_yaml_names_the_entry_and_field(tmp_path, bad, needle):
     assert "r.yaml: entry 1" in msg and needle in msg, msg
 
 
+def test_fraction_unit_converts_only_percent_columns(tmp_path):
+    """A paper printing accuracies as fractions next to FID and counts in one row (ANT Table 2): the
+    fractions become %, the rest is kept as printed."""
+    e = reported_entry(values_unit="fraction", values={"acc_e": 0.043, "face_ratio": 0.982, "fid_coco30k": 12.82})
+    (r,) = load_reported(write_yaml(tmp_path / "f.yaml", [e]))
+    assert r.values == {"acc_e": 4.3, "face_ratio": 98.2, "fid_coco30k": 12.82}
+
+
 def test_bad_reported_yaml_shape_and_duplicates(tmp_path):
     with pytest.raises(ConfigError, match="expected a list of entries"):
         load_reported(write_yaml(tmp_path / "a.yaml", {"task": "x"}))
     with pytest.raises(ConfigError, match=r"entry 2 \(m on celebrity\): duplicate of entry 0"):
         load_reported(write_yaml(tmp_path / "b.yaml", [reported_entry(method="m"), reported_entry(method="n"),
                                                          reported_entry(method="m")]))
+    # the same method from another paper is another row (each with its own mark)
+    other = reported_entry(method="m", source={"paper": "Another paper", "table": "Tab. 2"})
+    assert len(load_reported(write_yaml(tmp_path / "b2.yaml", [reported_entry(method="m"), other]))) == 2
     with pytest.raises(ConfigError, match="entry 0: expected a mapping"):
         load_reported(write_yaml(tmp_path / "c.yaml", ["just a string"]))
     with pytest.raises(ConfigError, match="no such file"):
