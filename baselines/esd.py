@@ -68,7 +68,8 @@ from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
                               read_safetensors, weight_checksum)
-from cpebench.methods.common import concept_names, load_state, save_state
+from cpebench.methods.common import (erase_inputs, load_state, restore_training, save_state,
+                                     training_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -396,13 +397,7 @@ class Trainer:
     # ---- resumable state
 
     def save_state(self, path: Path, key: str, seconds: float) -> None:
-        tensors = {}
-        for n, p in zip(self.names, self.params):
-            tensors[f"param.{n}"] = p
-            st = self.opt.state.get(p, {})
-            for k, v in st.items():
-                tensors[f"adam.{n}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        tensors["rng"] = self.generator.get_state()
+        tensors = {**training_tensors(self.opt, dict(zip(self.names, self.params))), "rng": self.generator.get_state()}
         save_state(path, key, tensors, {"step": str(self.step_done), "losses": json.dumps(self.losses),
                                         "seconds": str(seconds)})
 
@@ -412,14 +407,7 @@ class Trainer:
         if saved is None:
             return None
         tensors, meta = saved
-        state = {}
-        for i, (n, p) in enumerate(zip(self.names, self.params)):
-            with torch.no_grad():
-                p.copy_(tensors[f"param.{n}"])
-            moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{n}.")}
-            if moments:
-                state[i] = moments
-        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+        restore_training(self.opt, dict(zip(self.names, self.params)), tensors)
         self.generator.set_state(tensors["rng"])
         self.step_done = int(meta["step"])
         self.losses = json.loads(meta["losses"])
@@ -585,9 +573,7 @@ class _ESD(Method):
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:
-        names = concept_names(self.name, concepts)
-        hp = self.hparams(hparams)
-        ctx = ctx or EraseContext(device=str(pipe.unet.device))
+        names, hp, ctx = erase_inputs(self, pipe, concepts, hparams, ctx)
         tensors, meta = train(pipe, names, hp, ctx, self.name)
         return Artifact(method=self.name, tensors=tensors, metadata={"concepts": names, **meta})
 

@@ -59,8 +59,8 @@ from cpebench.attention import KVEdit, probed, swapped_weights
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, hparam_value
 from cpebench.methods.closed_form import preserve_gram, read_weights, weight_edit, weight_metadata
-from cpebench.methods.common import (PROJECTIONS, TOKENS, check_non_negative, concept_names,
-                                     encode_texts, load_state, parse_hparams, preserve_list, save_state, text_list)
+from cpebench.methods.common import (PROJECTIONS, TOKENS, check_non_negative, encode_texts, erase_inputs,
+                                     load_state, parse_hparams, preserve_list, save_state, text_list)
 
 log = logging.getLogger(__name__)
 
@@ -977,9 +977,8 @@ class MACE(Method):
               ctx: EraseContext | None = None) -> Artifact:
         from cpebench.data import cache_dir
 
-        names = [train_name(n) for n in concept_names(self.name, concepts)]
-        hp = self.hparams(hparams)
-        ctx = ctx or EraseContext(device=str(pipe.unet.device))
+        names, hp, ctx = erase_inputs(self, pipe, concepts, hparams, ctx)
+        names = [train_name(n) for n in names]
         device = torch.device(ctx.device)
         started = time.perf_counter()
         maps = mapping_for(hp, names)

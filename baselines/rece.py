@@ -67,8 +67,8 @@ from cpebench.methods.closed_form import (
     weight_edit,
     weight_metadata,
 )
-from cpebench.methods.common import (PROJECTIONS, check_non_negative, check_projections, concept_names, encode_texts,
-                                     parse_hparams, preserve_list)
+from cpebench.methods.common import (PROJECTIONS, check_non_negative, check_projections, encode_texts,
+                                     erase_inputs, parse_hparams, preserve_list)
 
 
 log = logging.getLogger(__name__)
@@ -280,9 +280,7 @@ class RECE(Method):
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:
-        names = concept_names(self.name, concepts)
-        hp = self.hparams(hparams)
-        ctx = ctx or EraseContext(device=str(pipe.unet.device))
+        names, hp, ctx = erase_inputs(self, pipe, concepts, hparams, ctx)
         weights, record = rece(pipe, names, hp, torch.device(ctx.device), ctx.data_dir, ctx.progress)
         meta = {**weight_metadata(pipe.unet, names, hp.projections), **record}
         return Artifact(method=self.name, tensors={k: v.cpu() for k, v in weights.items()}, metadata=meta)

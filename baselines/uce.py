@@ -48,7 +48,7 @@ from cpebench.errors import ConfigError
 from cpebench.methods import Artifact, Concept, EraseContext, Method
 from cpebench.methods.closed_form import (NUMERICS, check_uce_settings, texts_record, to_storage, uce_edit,
                                           weight_edit, weight_metadata)
-from cpebench.methods.common import PROJECTIONS, concept_names, parse_hparams
+from cpebench.methods.common import PROJECTIONS, erase_inputs, parse_hparams
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ class UCE(Method):
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any],
               ctx: EraseContext | None = None) -> Artifact:
-        names = concept_names(self.name, concepts)
-        hp = self.hparams(hparams)
-        ctx = ctx or EraseContext(device=str(pipe.unet.device))
+        names, hp, ctx = erase_inputs(self, pipe, concepts, hparams, ctx)
         device = torch.device(ctx.device)
         started = time.perf_counter()
         res = uce_edit(pipe, names, hp, device, ctx.data_dir, ctx.progress)

@@ -128,7 +128,8 @@ def test_force_starts_anew(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["run", "--method", "sdd", "--task", "nudity"], "Unknown method 'sdd'. Known: cpe, esd-u, esd-x, mace, rece, sd, uce"),
+    (["run", "--method", "sdd", "--task", "nudity"],
+     "Unknown method 'sdd'. Known: ac, ace, advunlearn, cpe, esd-u, esd-x, fmn, gloce, mace, rece, safree, sd, speed, spm, uce"),
     (["run", "--method", "sd", "--task", "nudty"], "Did you mean 'nudity'"),
     (["run", "--method", "sd", "--task", "nudity", "--preset", "smok"], "Did you mean 'smoke'"),
     (["run", "--method", "sd", "--task", "nudity", "--preset", "smoke", "metrics=nudnet"], "Did you mean 'nudenet'"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,53 @@ def load_state(path: Path | None, key: str, what: str) -> tuple[dict[str, torch.
         log.warning("%s: %s is not a readable state (%s); starting anew", what, path, err)
         return None
     return tensors, meta
+
+
+def training_tensors(opt: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trained parameters and their optimizer state as flat tensors for ``save_state``:
+    ``param.<name>`` and ``adam.<name>.<state key>`` (Adam/AdamW moments and step)."""
+    out = {}
+    for name, p in params.items():
+        out[f"param.{name}"] = p
+        for k, v in opt.state.get(p, {}).items():
+            out[f"adam.{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def restore_training(opt: torch.optim.Optimizer, params: Mapping[str, torch.Tensor],
+                     tensors: Mapping[str, torch.Tensor]) -> None:
+    """The inverse of ``training_tensors``: parameters copied back in place, the optimizer's state loaded
+    (``params`` in the optimizer's parameter order; torch moves the moments to each parameter's device)."""
+    state = {}
+    for i, (name, p) in enumerate(params.items()):
+        with torch.no_grad():
+            p.copy_(tensors[f"param.{name}"])
+        prefix = f"adam.{name}."
+        moments = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if moments:
+            state[i] = moments
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def erase_inputs(method, pipe, concepts: Sequence[Concept | str], hparams: Mapping[str, Any] | None, ctx):
+    """What every ``erase`` starts with: the checked concept names, the parsed Hparams and the context
+    (by default on the pipeline's device)."""
+    from . import EraseContext
+
+    return (concept_names(method.name, concepts), method.hparams(hparams),
+            ctx or EraseContext(device=str(pipe.unet.device)))
+
+
+def cosine_with_restarts(warmup: int, total: int, cycles: int):
+    """LR factor of diffusers' ``cosine_with_restarts`` schedule (linear warm-up, hard restarts), as a
+    function of the 0-based optimiser step."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if progress >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0))))
+
+    return factor

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from ..attention import KVEdit, kv_edit
 from ..errors import ConfigError, DataError
 from . import Artifact, Concept, EraseContext, Method, hparams_from_dict, read_safetensors
-from .common import (TOKENS, base_kv_checksums, base_kv_sha256, check_base_kv, concept_names, encode_texts, kv_layers,
-                     load_state, save_state, text_list)
+from .common import (TOKENS, base_kv_checksums, base_kv_sha256, check_base_kv, cosine_with_restarts, encode_texts,
+                     erase_inputs, kv_layers, load_state, save_state, text_list)
 
 log = logging.getLogger(__name__)
 
@@ -387,20 +387,6 @@ class Hparams:
             return (self.iterations * self.stage0_iterations_factor, self.lr * self.stage0_lr_factor,
                     self.lr_cycles * self.stage0_cycles_factor)
         return self.iterations, self.lr, self.lr_cycles
-
-
-def cosine_with_restarts(warmup: int, total: int, cycles: int):
-    """LR factor of diffusers' ``cosine_with_restarts`` schedule (linear warm-up, hard restarts)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        if progress >= 1.0:
-            return 0.0
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0))))
-
-    return factor
 
 
 # =========================================================================== training
@@ -798,9 +784,7 @@ class CPE(Method):
     hparams_class = Hparams
 
     def erase(self, pipe, concepts: Sequence[Concept], hparams: Mapping[str, Any], ctx: EraseContext | None = None) -> Artifact:
-        names = concept_names("cpe", concepts)
-        hp = self.hparams(hparams)
-        ctx = ctx or EraseContext(device=str(pipe.unet.device))
+        names, hp, ctx = erase_inputs(self, pipe, concepts, hparams, ctx)
         tensors, meta = train(pipe, names, hp, ctx)
         return Artifact(method=self.name, tensors=tensors, metadata={"concepts": names, **meta})
 

@@ -19,7 +19,8 @@ from .prompts import TASKS
 log = logging.getLogger(__name__)
 
 # The reference row first, then every built-in method (a plugin joins with --methods).
-METHODS = ("sd", "uce", "rece", "esd-x", "esd-u", "mace", "cpe")
+METHODS = ("sd", "uce", "rece", "esd-x", "esd-u", "mace", "cpe",
+           "speed", "gloce", "safree", "advunlearn", "fmn", "ac", "spm", "ace")
 
 
 def run_one(method: str, task: str, runs: Path, *, progress: bool) -> dict:
