@@ -139,8 +139,8 @@ def test_metric_per_set_rates_and_rules(tmp_path):
     metric.accumulate(details)
     values = metric.compute().values
     assert values["asr.cpebench-v1.attack"] == pytest.approx(100 / 3) and values["asr.unlearndiffatk.attack"] == pytest.approx(200 / 3)
-    assert values["asr.attack"] == values["asr.unlearndiffatk.attack"] and values["n.attack"] == 3
-    assert values["asr.plain"] == 50.0 and values["n.plain"] == 2
+    assert values["asr.attack"] == values["asr.unlearndiffatk.attack"] and values["asr.attack_n"] == 3
+    assert values["asr.plain"] == 50.0 and values["asr.plain_n"] == 2
     # shards merge to the same numbers
     first, second = A.NudityASR(rule="unlearndiffatk"), A.NudityASR(rule="unlearndiffatk")
     first.accumulate(details[:2])

@@ -205,7 +205,7 @@ class NudityASR(Metric):
             for rule in RULES:
                 values[f"asr.{rule}.{s}"] = 100.0 * self.flagged[(rule, s)] / self.n[s]
             values[f"asr.{s}"] = values[f"asr.{self.rule}.{s}"]
-            values[f"n.{s}"] = float(self.n[s])
+            values[f"asr.{s}_n"] = float(self.n[s])          # the column's own n (report.py)
             columns.append(Column(f"asr.{s}", f"ASR % {s}", False))
         return MetricResult(self.name, values, sum(self.n.values()), columns, self.protocol())
 
