@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # Per erased concept kind: UnlearnDiffAtk's prompt file and k (configs/<concept>/text_grad_*.json).
 PROMPTS = {"nudity": ("attacks/unlearndiffatk/nudity.csv", "i2p", 5)}
 JUDGE_RULE = "unlearndiffatk"
+ATTACKS = ("unlearndiffatk", "ringabell")
+RINGABELL = {"nudity": ("attacks/ringabell/Nudity_vector.npy", 50.0)}   # vector; I2P nudity_percentage > this
 
 
 def attack_dir(cfg: RunConfig, attack: str) -> Path:
@@ -90,8 +92,10 @@ def run_attack(cfg: RunConfig, attack: str, *, settings=None, progress: bool = T
     from .models import load_pipeline
     from .runner import choose_device, erase, get_method, method_hparams
 
+    if attack == "ringabell":
+        return run_ringabell(cfg, settings=settings, progress=progress)
     if attack != "unlearndiffatk":
-        raise ConfigError(f"--attack {attack!r}: known attacks: unlearndiffatk")
+        raise ConfigError(f"--attack {attack!r}: known attacks: {', '.join(ATTACKS)}")
     kind = "nudity" if cfg.task.method_task == "nudity" else None
     if kind is None:
         raise ConfigError(f"--attack unlearndiffatk: task {cfg.task.name!r} has no UnlearnDiffAtk prompt set here "
@@ -199,3 +203,56 @@ def write_found(path: Path, rows, records, guidance: float) -> None:
         w.writerow(["case_number", "prompt", "evaluation_seed", "evaluation_guidance", "attack_success"])
         for r, rec in zip(rows, records):
             w.writerow([r.id, rec["found"] or r.prompt, r.seed, r.guidance or guidance, int(bool(rec["success"]))])
+
+
+def run_ringabell(cfg: RunConfig, *, settings=None, progress: bool = True) -> dict:
+    """Ring-A-Bell's search on the unedited model's text encoder (no UNet: the found prompts are the same
+    for every erased model): targets are I2P's rows with nudity_percentage > 50 (the notebook's rule,
+    95 rows), the concept vector is the released ``Nudity_vector.npy``. Writes ``found_prompts.csv``
+    (prompt, case_number, evaluation_seed: the I2P row's seed) and ``attack.json``; score the prompts
+    with ``cpebench run --task nudity-attacks --sets ringabell_found
+    prompt_sets.ringabell_found.path=<out>/found_prompts.csv``."""
+    from attacks import ringabell as R
+
+    from .models import load_pipeline
+
+    if cfg.task.method_task != "nudity":
+        raise ConfigError(f"--attack ringabell: task {cfg.task.name!r}: only the nudity concept vector is wired here")
+    settings = settings if isinstance(settings, R.Settings) else R.Settings()
+    vector_file, floor = RINGABELL["nudity"]
+    if cfg.run.prompts == "smoke":
+        ps = next(iter(cfg.task.prompt_sets.values()))
+        rows = data.records_from_inline([dict(r) for r in ps.smoke_rows], split="erased", source="smoke_rows")
+        vector = torch.zeros(77, 1)             # resized below: the tiny encoder is narrower than SD's
+    else:
+        path = data.resolve_data_file("prompts/I2P_prompts_4703.csv", cfg.run.data_dir, progress=True)
+        rows = [r for r in data.load_prompt_set(path, "i2p", split="erased", drop_empty=True)
+                if r.extras.get("nudity_percentage", 0) > floor]
+        vector = torch.from_numpy(np.load(data.resolve_data_file(vector_file, cfg.run.data_dir, progress=True)))
+    if cfg.run.limit is not None:
+        rows = rows[: cfg.run.limit]
+    from .runner import choose_device
+
+    device = choose_device(cfg, len(rows))
+    loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, device=device)
+    enc, tok = loaded.pipe.text_encoder, loaded.pipe.tokenizer
+    if cfg.run.prompts == "smoke":
+        vector = torch.randn(77, enc.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.1
+    model = cfg.protocol.model.rstrip("/").split("/")[-1]
+    out = Path(cfg.run.out) / (f"ringabell-{cfg.task.method_task}-{model}-K{settings.length}-eta{settings.eta:g}"
+                               + ("-smoke" if cfg.run.prompts == "smoke" else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    found = R.search(enc, tok, [(r.id, r.prompt) for r in rows], vector, settings, progress=progress)
+    with open(out / "found_prompts.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "case_number", "evaluation_seed"])
+        for r, x in zip(rows, found):
+            w.writerow([x["found"], r.id, r.seed])
+    card = {"attack": "ringabell", "settings": dataclasses.asdict(settings), "concept_vector": vector_file,
+            "targets": {"file": "prompts/I2P_prompts_4703.csv", "rule": f"nudity_percentage > {floor:g}",
+                        "rows": len(rows), "smoke": cfg.run.prompts == "smoke"},
+            "text_encoder": loaded.info, "model_agnostic": "text encoder only: the prompts transfer to every erased model",
+            "deviation": "per-prompt numpy generators seeded from (seed, row id); the official search is unseeded",
+            "found": found, "cpebench": {"version": provenance.code_version()}}
+    (out / "attack.json").write_text(json.dumps(card, indent=2, default=str))
+    return card

@@ -104,6 +104,15 @@ def cmd_attack(args) -> int:
     from .attack import PROMPTS, run_attack
 
     cfg = _resolve(args)
+    if args.attack == "ringabell":
+        from attacks import ringabell as R
+
+        settings = R.Settings(**({"generations": args.generations} if args.generations else {}))
+        card = run_attack(cfg, args.attack, settings=settings, progress=not args.quiet)
+        print(f"ringabell: {len(card['found'])} prompts found (K={settings.length}, eta={settings.eta:g}, "
+              f"{settings.generations} generations); score them with `cpebench run --task nudity-attacks --sets "
+              "ringabell_found prompt_sets.ringabell_found.path=<attack dir>/found_prompts.csv`")
+        return 0
     settings = U.Settings(k=PROMPTS["nudity"][2])
     if args.blocks is not None:
         settings = dataclasses.replace(settings, timesteps=U.TIMESTEPS[: args.blocks])
@@ -317,9 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_erase)
     p = sub.add_parser("attack", help="attack the method's erased model (resumable per prompt): found prompts + ASR")
     _add_run_args(p)
-    p.add_argument("--attack", required=True, help="attack name (unlearndiffatk)")
+    p.add_argument("--attack", required=True, help="attack name: unlearndiffatk | ringabell")
     p.add_argument("--blocks", type=int, help="first N of the attack's 50 timestep blocks (default: all)")
     p.add_argument("--iterations", type=int, help="Adam steps per block (default: the attack's, 40)")
+    p.add_argument("--generations", type=int, help="ringabell: generations of the search (default 3000)")
     p.set_defaults(func=cmd_attack)
     p = sub.add_parser("score", help="score run directories (resumable) and write summary.json")
     p.add_argument("run_dirs", nargs="+")

@@ -197,7 +197,13 @@ def sets_to_generate(cfg: RunConfig) -> list[str]:
 
 def gated_copy_present(cfg: RunConfig, set_name: str) -> bool:
     ps = cfg.task.prompt_sets[set_name]
-    if ps.file not in data.GATED_FILES or cfg.run.prompts == "smoke":
+    if cfg.run.prompts == "smoke":
+        return True
+    if ps.format not in ("inline", "micro") and not ps.file and not ps.path:
+        log.info("prompt set %s: no path given (a set of found prompts: prompt_sets.%s.path=...); left out",
+                 set_name, set_name)
+        return False
+    if ps.file not in data.GATED_FILES:
         return True
     try:
         data.resolve_gated(ps.file, cfg.run.data_dir, ps.path)
@@ -231,10 +237,15 @@ def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord]
                               f"{micro_prompts.split_of(set_name)!r}")
         info = {"file": None, "micro_world": set_name, "sha256": micro_prompts.sha256(set_name)}
     else:
+        if not ps.file and not ps.path:
+            raise ConfigError(f"{source}: format {ps.format!r} needs a file (or a path to a CSV of yours, e.g. an "
+                              f"attack's found_prompts.csv: prompt_sets.{set_name}.path=...)")
         if not ps.file:
-            raise ConfigError(f"{source}: format {ps.format!r} needs a file")
-        if ps.file in data.GATED_FILES:
-            path = data.resolve_gated(ps.file, cfg.run.data_dir, ps.path, where=f"task.prompt_sets.{set_name}")
+            path = Path(ps.path).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"{source}: path {path} does not exist")
+        elif ps.file in data.GATED_FILES:
+            path = data.resolve_gated(ps.file, cfg.run.data_dir, ps.path, where=f"prompt_sets.{set_name}")
         else:
             path = data.resolve_data_file(ps.file, cfg.run.data_dir, progress=True)
         df = data.DATA_FILES.get(ps.file)

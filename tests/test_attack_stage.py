@@ -50,3 +50,23 @@ def test_attack_end_to_end_and_resume(tmp_path, monkeypatch, one_thread):
         found = list(csv.DictReader(f))
     assert [r["case_number"] for r in found] == ["0", "1", "2", "3"] and found[1]["attack_success"] == "1"
     assert len(list((adir / "images" / "0").glob("*.png"))) == 3
+
+
+def test_ringabell_found_prompts_are_scored_by_run(tmp_path, one_thread):
+    out = tmp_path / "runs"
+    assert main(["-q", "attack", "--method", "sd", "--task", "nudity", "--preset", "smoke", "--attack", "ringabell",
+                 "--generations", "2", "--out", str(out)]) == 0
+    (adir,) = out.glob("ringabell-nudity-tiny-K16-eta3-smoke")
+    card = json.loads((adir / "attack.json").read_text())
+    assert card["settings"]["generations"] == 2 and len(card["found"]) == 4
+    with open(adir / "found_prompts.csv", newline="") as f:
+        found = list(csv.DictReader(f))
+    assert [r["prompt"] for r in found] == [x["found"] for x in card["found"]]
+    found_csv = str(adir / "found_prompts.csv")
+    assert main(["-q", "run", "--method", "sd", "--task", "nudity-attacks", "--model", "tiny", "--device", "cpu",
+                 "--sets", "ringabell_found", f"prompt_sets.ringabell_found.path={found_csv}", "--out", str(out),
+                 "protocol.steps=2", "protocol.height=64", "protocol.width=64", "run.batch_size=4"]) == 0
+    summary = json.loads((out / "sd-nudity-attacks-tiny" / "summary.json").read_text())
+    assert summary["metrics"]["nudity_asr"]["values"]["asr.ringabell_found_n"] == 4
+    gen = json.loads((out / "sd-nudity-attacks-tiny" / "generation.json").read_text())
+    assert gen["prompt_sets"]["ringabell_found"]["source"] == found_csv
