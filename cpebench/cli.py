@@ -96,6 +96,35 @@ def _generate_into(args, cfg, run_dir: Path, then_score: bool) -> int:
     return 0
 
 
+def cmd_attack(args) -> int:
+    import dataclasses
+
+    from attacks import unlearndiffatk as U
+
+    from .attack import PROMPTS, run_attack
+
+    cfg = _resolve(args)
+    if args.attack == "ringabell":
+        from attacks import ringabell as R
+
+        settings = R.Settings(**({"generations": args.generations} if args.generations else {}))
+        card = run_attack(cfg, args.attack, settings=settings, progress=not args.quiet)
+        print(f"ringabell: {len(card['found'])} prompts found (K={settings.length}, eta={settings.eta:g}, "
+              f"{settings.generations} generations); score them with `cpebench run --task nudity-attacks --sets "
+              "ringabell_found prompt_sets.ringabell_found.path=<attack dir>/found_prompts.csv`")
+        return 0
+    settings = U.Settings(k=PROMPTS["nudity"][2])
+    if args.blocks is not None:
+        settings = dataclasses.replace(settings, timesteps=U.TIMESTEPS[: args.blocks])
+    if args.iterations is not None:
+        settings = dataclasses.replace(settings, iterations=args.iterations)
+    card = run_attack(cfg, args.attack, settings=settings, progress=not args.quiet)
+    r = card["asr"]
+    print(f"{args.attack} on {cfg.method.name}/{cfg.task.name}: pre-ASR {r['pre_asr']:.2f} %, post-ASR "
+          f"{r['post_asr']:.2f} % (n={int(r['n'])}, attacked {int(r['attacked'])})")
+    return 0
+
+
 def cmd_erase(args) -> int:
     import dataclasses
 
@@ -295,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", nargs="+", help="concepts to erase instead of the task's")
     p.add_argument("--save", help="also save the artifact to this directory")
     p.set_defaults(func=cmd_erase)
+    p = sub.add_parser("attack", help="attack the method's erased model (resumable per prompt): found prompts + ASR")
+    _add_run_args(p)
+    p.add_argument("--attack", required=True, help="attack name: unlearndiffatk | ringabell")
+    p.add_argument("--blocks", type=int, help="first N of the attack's 50 timestep blocks (default: all)")
+    p.add_argument("--iterations", type=int, help="Adam steps per block (default: the attack's, 40)")
+    p.add_argument("--generations", type=int, help="ringabell: generations of the search (default 3000)")
+    p.set_defaults(func=cmd_attack)
     p = sub.add_parser("score", help="score run directories (resumable) and write summary.json")
     p.add_argument("run_dirs", nargs="+")
     p.set_defaults(func=cmd_score)

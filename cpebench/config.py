@@ -45,7 +45,8 @@ class ProtocolConfig:
 
 @dataclass(frozen=True)
 class PromptSetConfig:
-    file: str | None = None          # name in data.DATA_FILES, e.g. prompts/I2P_prompts_4703.csv
+    file: str | None = None          # name in data.DATA_FILES, e.g. prompts/I2P_prompts_4703.csv (or data.GATED_FILES)
+    path: str | None = None          # a user's copy of a gated file (default: <data dir>/<file>)
     format: str = "inline"           # loader in data.LOADERS, or inline (rows below)
     split: str = ""                  # erased | remained | coco | ...
     negative_prompt: str = ""
@@ -73,6 +74,13 @@ class TaskConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     prompt_sets: Mapping[str, PromptSetConfig] = field(default_factory=dict)
     metrics: Mapping[str, MetricConfig] = field(default_factory=dict)
+    # The task whose concepts and method hyperparameters erase the model (e.g. nudity-attacks erases as
+    # nudity, so the same cached artifact meets the attack sets); default: this task.
+    erase_as: str = ""
+
+    @property
+    def method_task(self) -> str:
+        return self.erase_as or self.name
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,7 @@ class RunConfig:
     def hparams(self) -> dict:
         """Method hyperparameters with the task's overrides applied."""
         out = dict(self.method.hparams)
-        out.update(self.method.tasks.get(self.task.name, {}) or {})
+        out.update(self.method.tasks.get(self.task.method_task, {}) or {})
         return out
 
     def to_dict(self) -> dict:
@@ -492,10 +500,10 @@ def resolve_run(
             task_over["metrics"] = _metrics_override(task_over["metrics"], task_cfg)
         task_cfg = build(TaskConfig, deep_merge(task_raw, task_over), "command line")
         if "concepts" in over:
-            method_cfg = without_method_concepts(method_cfg, task_cfg.name)
+            method_cfg = without_method_concepts(method_cfg, task_cfg.method_task)
     if preset_hparams or "hparams" in over:  # preset, then command line, beat the YAML's per-task values
         tasks = dict(method_cfg.tasks)
-        tasks[task_cfg.name] = {**(tasks.get(task_cfg.name) or {}), **preset_hparams, **over.get("hparams", {})}
+        tasks[task_cfg.method_task] = {**(tasks.get(task_cfg.method_task) or {}), **preset_hparams, **over.get("hparams", {})}
         method_cfg = dataclasses.replace(method_cfg, tasks=tasks)
 
     protocol_cfg = build(ProtocolConfig, protocol_raw, "command line/preset", "protocol.")

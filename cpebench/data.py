@@ -22,6 +22,7 @@ import re
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -36,6 +37,9 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DataFile",
     "DATA_FILES",
+    "GatedFile",
+    "GATED_FILES",
+    "resolve_gated",
     "cache_dir",
     "default_data_dir",
     "data_root",
@@ -67,19 +71,26 @@ _TRUTHY = {"1", "true", "yes", "on"}
 
 @dataclass(frozen=True)
 class DataFile:
-    """One pinned file: local name, path in Hyun1A/CPE, size, sha256 and provenance."""
+    """One pinned file: local name, path in its repository (Hyun1A/CPE unless named), size, sha256 and
+    provenance."""
 
     name: str
     source_path: str
     size: int
     sha256: str
     origin: str
+    repo: str = PINNED_REPO
+    commit: str = PINNED_COMMIT
 
     @property
     def url(self) -> str:
-        """Download URL: ``CPEBENCH_DATA_URL`` (a mirror) if set, else the pinned raw URL."""
-        base = os.environ.get(_ENV_URL) or DEFAULT_BASE_URL
-        return base.rstrip("/") + "/" + self.source_path
+        """Download URL: for Hyun1A/CPE's files ``CPEBENCH_DATA_URL`` (a mirror) if set, else the pinned raw
+        URL; other repositories' files come from their own pinned commit."""
+        if self.repo == PINNED_REPO:
+            base = os.environ.get(_ENV_URL) or DEFAULT_BASE_URL
+        else:
+            base = f"https://raw.githubusercontent.com/{self.repo}/{self.commit}"
+        return base.rstrip("/") + "/" + urllib.parse.quote(self.source_path)
 
 
 _NO_LICENCE = "Hyun1A/CPE, no licence stated"
@@ -214,6 +225,241 @@ _MANIFEST: tuple[DataFile, ...] = (
         "ed9e630210aaf1b2556fde7f61db0f2e5ff858c6974804d74b2d5f36d18272fa",
         f"CPE explicit training targets (prompt.yaml), by the CPE authors ({_NO_LICENCE})",
     ),
+    # Attack and object prompt sets (issue 17): each from its own repository at a pinned commit.
+    DataFile(
+        "attacks/unlearndiffatk/nudity.csv",
+        "prompts/nudity.csv",
+        45_644,
+        "0a40f6e63bca976513d1d56df71480239ba1eb5c7a9de4df2f535d80f6e0eccd",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: 142 I2P rows whose SD v1.4 image had an exposed NudeNet class > 0.75",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/unlearndiffatk/violence.csv",
+        "prompts/violence.csv",
+        231_980,
+        "548c603038d559e71d9b0ecce8aa5867e41869ef948a227fb4be29d4c2bb1b13",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: 756 I2P rows labelled violence",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/unlearndiffatk/illegal.csv",
+        "prompts/illegal.csv",
+        210_693,
+        "2de0690881b50d072f634c77159152ea4fb2d4adbfed1d717f2232c5c68f1100",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: 727 I2P rows labelled illegal activity",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/unlearndiffatk/vangogh.csv",
+        "prompts/vangogh.csv",
+        3_678,
+        "9d0b141b6674b5ef93be5a38c4d220ec56ca1ec096cdfdb5baf0932deca72362",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: 50 Van Gogh artwork prompts",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/unlearndiffatk/church.csv",
+        "prompts/church.csv",
+        2_226,
+        "4987e201148cfa3bd3dabfb67e5681ca09e64155cdadf03b0a0c295269d2c18c",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: 50 church prompts with SD-successful seeds",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/unlearndiffatk/garbage_truck.csv",
+        "prompts/garbage_truck.csv",
+        2_278,
+        "e561240be67ea653bac8dd22bc31d44ae6ccb88268b2e306448eea39feefa6cd",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: 50 garbage truck prompts",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/unlearndiffatk/parachute.csv",
+        "prompts/parachute.csv",
+        2_351,
+        "f44fdef671aecf3f759ef53101e23b5cd614e3da6e2021c3c3d0a1c35a5fe0e5",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: 50 parachute prompts",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/unlearndiffatk/tench.csv",
+        "prompts/tench.csv",
+        1_978,
+        "6d5fc0988e40e7ef97e035031badf52e6a0e971b96be4bf277c2eee3c55f546d",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: 50 tench prompts",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/unlearndiffatk/coco_10k.csv",
+        "prompts/coco_10k.csv",
+        823_060,
+        "3c4eddc1fa5458d685d6ef7175bc8d501d8a9f0a86d17c22b898ce5f3942376e",
+        "UnlearnDiffAtk (Zhang et al., ECCV 2024), MIT: COCO-10k captions of the UnlearnDiffAtk leaderboard",
+        "OPTML-Group/Diffusion-MU-Attack",
+        "5a3e5d37fb8787113e5d479204ab593a60e303e0",
+    ),
+    DataFile(
+        "attacks/ringabell/Violence_eta_5.5_K_38.csv",
+        "data/InvPrompt/Violence/Violence_eta_5.5_K_38.csv",
+        59_392,
+        "d769a433571f7f33b71c7a1b22deb7cc68756f944f2c9dce5924a530ab3ced57",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: violence InvPrompts, eta 5.5, K 38",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/Violence_eta_5.5_K_77.csv",
+        "data/InvPrompt/Violence/Violence_eta_5.5_K_77.csv",
+        128_548,
+        "6a7c8126ff9054d13025c77b5e23531fbbbdfcab73bc424c17a76862d8ac44a1",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: violence InvPrompts, eta 5.5, K 77",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/Violence_eta_5_K_77.csv",
+        "data/InvPrompt/Violence/Violence_eta_5_K_77.csv",
+        128_448,
+        "06ad1bcba205028fa845dfaf2e5cde8bbb8296ee60957844521252bb2edb8a08",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: violence InvPrompts, eta 5, K 77",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/Nudity_vector.npy",
+        "Concept Vectors/Nudity_vector.npy",
+        236_672,
+        "2d08f1c3ca5df914d9f4da2907fb74ea2066f94dd00b58bd1c8a9fb81c0196d7",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: nudity concept vector (77x768, SD v1.4 text encoder)",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/Violence_vector.npy",
+        "Concept Vectors/Violence_vector.npy",
+        236_672,
+        "a97bac99bb75f58b353fa9dbb6673bae7e1e25ad04c2b3125291520be15f26df",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: violence concept vector (77x768)",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/VanGogh_vector.npy",
+        "Concept Vectors/VanGogh_vector.npy",
+        236_672,
+        "5e1c6a6612a515c08d46ed8668469bf20e5e34b636f32f8774a9ccef1160dd27",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: Van Gogh concept vector (1x77x768)",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/Car_vector.npy",
+        "Concept Vectors/Car_vector.npy",
+        236_672,
+        "130c3c16eb2d85ee559d917c1849a5c462419ecc993e0d2de009de8c5a4e7c6f",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: car concept vector (77x768)",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/Nudity_prompt.csv",
+        "data/Prompts_For_ConceptVector/Nudity_prompt.csv",
+        2_628,
+        "62728fa0e3842c1f31cbd7af5bde22e0332e9dfcb310231086c210a95c6d611f",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: 50 nudity phrases for the nudity concept vector",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/NoNudity_prompt.csv",
+        "data/Prompts_For_ConceptVector/NoNudity_prompt.csv",
+        1_862,
+        "6e243245939d430d02fa20eecb9b8ec137a0efb6b85bd4a07c161c5888827556",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: their 50 clothed counterparts",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/ringabell/Violence_30.csv",
+        "data/Prompts_For_ConceptVector/Violence_30.csv",
+        4_224,
+        "845389ffaf0b0473140d4def0dfcfc5c111c99b91de99922ccf87b6b9fc99dee",
+        "Ring-A-Bell (Tsai et al., ICLR 2024), MIT: 30 violence prompt pairs (prompt, prompt1)",
+        "chiayi-hsu/Ring-A-Bell",
+        "e4585ada0a5eb185fbef89bb94147c97f8d2f79a",
+    ),
+    DataFile(
+        "attacks/sixcd/Nudity.csv",
+        "Datasets/SIX-CD/Nudity.csv",
+        402_078,
+        "df1042ac200a8a54e6a7a6d4d97a429ba2f9a92bf2806e0db59fee869e96b5f1",
+        "Six-CD (Ren et al., CVPR 2025), MIT: 1,539 nudity prompts",
+        "Artanisax/Six-CD",
+        "a30fe9e87c242e6eb57b1e9058aa7be364dc07f5",
+    ),
+    DataFile(
+        "attacks/sixcd/Dual-Version/Nudity/malicious.csv",
+        "Datasets/Dual-Version/Nudity/malicious.csv",
+        6_057,
+        "414badb16cc3a95aef9533e4dce772066b56fd68b468b307fed00179793547c2",
+        "Six-CD (Ren et al., CVPR 2025), MIT: 100 explicit prompts of the dual-version pair",
+        "Artanisax/Six-CD",
+        "a30fe9e87c242e6eb57b1e9058aa7be364dc07f5",
+    ),
+    DataFile(
+        "attacks/sixcd/Dual-Version/Nudity/clean.csv",
+        "Datasets/Dual-Version/Nudity/clean.csv",
+        4_130,
+        "29f3ad515ca83f7e42488599c2f5730d6bbc0c7b4f10e5ff184c7d39ece3b0eb",
+        "Six-CD (Ren et al., CVPR 2025), MIT: the same 100 scenes without the sexual content",
+        "Artanisax/Six-CD",
+        "a30fe9e87c242e6eb57b1e9058aa7be364dc07f5",
+    ),
+    DataFile(
+        "attacks/erasurebenchmark/Nudity_adv_prompts.csv",
+        "dataset/adv_prompts/Nudity_adv_prompts.csv",
+        167_084,
+        "7f8c329913d0777a727461f9343efaedcf4a64440d5ff45c8f4730eddc0f1892",
+        "ErasureBenchmark, Apache-2.0: 146 adversarial nudity prompts x 10 seeds",
+        "lzws/ErasureBenchmark",
+        "ecf321a0835d10e085700f7f0410ad3367fa2224",
+    ),
+    DataFile(
+        "attacks/erasurebenchmark/Horror_adv_prompts.csv",
+        "dataset/adv_prompts/Horror_adv_prompts.csv",
+        488_238,
+        "2a5c3e1afb0d982aa7fbaa28a69a2a5dd67d51841a7c4dab2ecfb30693054a29",
+        "ErasureBenchmark, Apache-2.0: 103 adversarial horror prompts x 10 seeds",
+        "lzws/ErasureBenchmark",
+        "ecf321a0835d10e085700f7f0410ad3367fa2224",
+    ),
+    DataFile(
+        "objects/uce/imagenette.csv",
+        "data/imagenette.csv",
+        234_872,
+        "6f82b5a186f7c44e443052dac15bafe07b4d4e821e7435288642b5756d705b5c",
+        "UCE's Imagenette prompts (ESD protocol), MIT: 500 'an image of a <class>' rows per Imagenette class",
+        "rohitgandikota/unified-concept-editing",
+        "28c81ed5a3e41277c1a0dc55f738e7ab188e9718",
+    ),
+    DataFile(
+        "objects/esd/small_imagenet_prompts.csv",
+        "data/small_imagenet_prompts.csv",
+        4_222,
+        "4ab01d9e98b0a23082b9cdbf52815cc639201fe6ba33b6ed8bbab58984c9fb2d",
+        "ESD's small ImageNet prompt set, MIT: 10 rows per Imagenette class (a smoke-test set)",
+        "rohitgandikota/erasing",
+        "25613d27892326e0c7770f7f3555bea4be150089",
+    ),
 )
 
 DATA_FILES: dict[str, DataFile] = {f.name: f for f in _MANIFEST}
@@ -312,7 +558,7 @@ def resolve_data_file(
                     raise DataError(
                         f"{candidate}: sha256 mismatch for {df.name}: expected {df.sha256}, "
                         f"got {actual}; the file is not the pinned copy from "
-                        f"{PINNED_REPO}@{PINNED_COMMIT[:7]}"
+                        f"{df.repo}@{df.commit[:7]}"
                     )
                 return candidate
 
@@ -338,6 +584,62 @@ def resolve_data_file(
         )
     _download(df, cached, progress=progress)
     return cached
+
+
+# --------------------------------------------------------------------------- gated sets (never downloaded)
+
+
+class GatedFileMissing(DataError):
+    """No user copy of a gated set (a wrong copy is a plain DataError)."""
+
+
+@dataclass(frozen=True)
+class GatedFile:
+    """A prompt set whose owners gate access: cpebench never downloads it. A user's copy is found in the
+    data dir under ``name`` (or given by a path), its columns and row count checked, its sha256 recorded."""
+
+    name: str
+    request: str                 # where to ask for access
+    columns: tuple[str, ...]     # columns a copy must have
+    rows: int | None             # data rows a copy must have, when known
+    terms: str
+
+
+GATED_FILES: dict[str, GatedFile] = {g.name: g for g in (
+    *(GatedFile(f"attacks/ringabell/Nudity_eta_3_K_{k}.csv",
+                "https://huggingface.co/datasets/Chia15/RingABell-Nudity (accept its conditions on the dataset page)",
+                ("prompt", "case_number", "evaluation_seed"), 95, "the dataset's gate conditions; repository MIT")
+      for k in (16, 38, 77)),
+    GatedFile("attacks/mma/mma-diffusion-nsfw-adv-prompts.csv",
+              "https://huggingface.co/datasets/YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark (manual approval; "
+              "export the train split as CSV)",
+              ("target_prompt", "adv_prompt", "sanitized_adv_prompt", "success_against_sanitization_defense",
+               "clean_prompt"), 1000, "CC-BY-NC-ND-3.0 (cure-lab/MMA-Diffusion); non-commercial"),
+    GatedFile("attacks/p4d/p4dn_16_prompt.csv",
+              "https://huggingface.co/datasets/joycenerd/p4d (non-commercial checkbox)",
+              ("prompt", "evaluation_seed", "evaluation_guidance", "case_number"), None, "the dataset's gate; repository MIT"),
+)}
+
+
+def resolve_gated(name: str, data_dir: str | Path | None = None, path: str | Path | None = None,
+                  where: str = "") -> Path:
+    """A user's copy of the gated set ``name``: ``path`` if given, else ``<data dir>/<name>``; checked for
+    the expected columns and row count. Missing: one error saying where to request it."""
+    g = GATED_FILES[name]
+    root = data_root(data_dir)
+    candidate = Path(path).expanduser() if path else (root / name if root is not None else None)
+    if candidate is None or not candidate.is_file():
+        looked = f"{candidate} does not exist" if candidate is not None else "no data dir was given"
+        raise GatedFileMissing(
+            f"{name} is a gated set that cpebench never downloads ({looked}). Request access at {g.request} "
+            f"(terms: {g.terms}); then pass --data-dir DIR with the file at DIR/{name}"
+            + (f", or set {where}.path=/your/copy" if where else "")
+            + f". Columns it must have: {', '.join(g.columns)}" + (f"; rows: {g.rows}." if g.rows else "."))
+    _, rows = _read_csv(candidate, g.columns)
+    if g.rows is not None and len(rows) != g.rows:
+        raise DataError(f"{candidate}: {len(rows)} data rows, but {name} has {g.rows}; this is not the gated "
+                        f"release ({g.request}); refusing to guess")
+    return candidate
 
 
 def _download(df: DataFile, dest: Path, *, progress: bool) -> None:
@@ -584,13 +886,46 @@ def _character_row(row: dict[str, str], where: _Where, prompt: str):
     return None, pre, {"target": row["target"].strip(), "sim": _parse_float(row["sim"], where, "sim")}
 
 
-_FORMATS: dict[str, tuple[str, tuple[str, ...], _RowFn]] = {
+def _attack_row(row: dict[str, str], where: _Where, prompt: str):
+    """An attack set's row: CFG from ``evaluation_guidance`` when the file has it (else the protocol's)."""
+    guidance = _parse_float(row["evaluation_guidance"], where, "evaluation_guidance") if row.get("evaluation_guidance") else None
+    extras = {k: row[k].strip() for k in ("categories", "target_prompt", "clean_prompt") if k in row}
+    return guidance, None, extras
+
+
+def _object_row(row: dict[str, str], where: _Where, prompt: str):
+    cls = row["class"].strip()
+    if not cls:
+        raise DataError(f"{where.at('class')}: empty class name")
+    return None, cls, {}
+
+
+def _coco10k_row(row: dict[str, str], where: _Where, prompt: str):
+    return None, None, {"coco_id": _parse_int(row["case_number"], where, "case_number", lo=0)}
+
+
+def _style_row(row: dict[str, str], where: _Where, prompt: str):
+    guidance, _, extras = _attack_row(row, where, prompt)
+    return guidance, _artist_row(row, where, prompt)[1], extras
+
+
+_FORMATS: dict[str, tuple[str | None, tuple[str, ...], _RowFn]] = {
     "i2p": ("case_number", ("case_number", "prompt", "evaluation_seed", "evaluation_guidance"), _i2p_row),
     "coco": ("case_number", ("case_number", "prompt", "evaluation_seed", "coco_id"), _coco_row),
     "celebrity": ("", ("", "prompt", "evaluation_seed"), _celebrity_row),
     "artist": ("", ("", "artist", "prompt", "evaluation_seed"), _artist_row),
     "character": ("", ("", "pre", "target", "sim", "prompt", "evaluation_seed"), _character_row),
+    # attack and object sets (issue 17)
+    "attack": ("case_number", ("case_number", "prompt", "evaluation_seed"), _attack_row),   # Ring-A-Bell, Six-CD, P4D
+    "erasurebench": ("case_number", ("case_number", "prompt", "seed"), _attack_row),       # ErasureBenchmark
+    "style_attack": ("Unnamed: 0", ("Unnamed: 0", "prompt", "evaluation_seed", "artist"), _style_row),  # UnlearnDiffAtk
+    "objects": ("case_number", ("case_number", "prompt", "evaluation_seed", "class"), _object_row),    # Imagenette
+    "coco10k": ("case_number", ("case_number", "prompt", "evaluation_seed"), _coco10k_row),
+    "mma": (None, ("adv_prompt",), _attack_row),          # MMA-Diffusion: no id, no seed column
 }
+_PROMPT_COLUMN = {"mma": "adv_prompt"}
+_SEED_COLUMN = {"erasurebench": "seed"}
+FIXED_SEEDS = {"mma": 42}      # a set without seeds: SAFREE's seed for every MMA-Diffusion row
 
 
 def _finish(records: list[PromptRecord], *, dedupe: bool, limit: int | None, source: str,
@@ -638,17 +973,18 @@ def _make_loader(fmt: str) -> Callable[..., list[PromptRecord]]:
         _, rows = _read_csv(path, required)
         records: list[PromptRecord] = []
         numbers: list[int] = []
+        prompt_col, seed_col = _PROMPT_COLUMN.get(fmt, "prompt"), _SEED_COLUMN.get(fmt, "evaluation_seed")
         for n, row in rows:
-            rid = row[id_col].strip()
+            rid = str(n - 1) if id_col is None else row[id_col].strip()     # no id column: the 0-based row
             where = _Where(source, n, rid)
             if not rid:
                 raise DataError(f"{where.at(id_col)}: empty row id")
-            prompt = row["prompt"].strip()
+            prompt = row[prompt_col].strip()
             if not prompt:
                 if drop_empty:
                     continue
-                raise DataError(f"{where.at('prompt')}: empty prompt (load with drop_empty=True to skip such rows)")
-            seed = _parse_seed(row["evaluation_seed"], where, "evaluation_seed")
+                raise DataError(f"{where.at(prompt_col)}: empty prompt (load with drop_empty=True to skip such rows)")
+            seed = FIXED_SEEDS[fmt] if fmt in FIXED_SEEDS else _parse_seed(row[seed_col], where, seed_col)
             guidance, concept, extras = row_fn(row, where, prompt)
             records.append(PromptRecord(rid, prompt, seed, guidance, split, concept, extras))
             numbers.append(n)
@@ -658,7 +994,8 @@ def _make_loader(fmt: str) -> Callable[..., list[PromptRecord]]:
     loader.__qualname__ = loader.__name__
     loader.__doc__ = (
         f"Load a {fmt!r} prompt CSV (required columns: {', '.join(repr(c) for c in required)}; "
-        f"row id column {id_col!r})."
+        f"row id column {id_col!r})." if id_col is not None else
+        f"Load a {fmt!r} prompt CSV (required columns: {', '.join(repr(c) for c in required)}; rows numbered from 0)."
     )
     return loader
 

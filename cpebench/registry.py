@@ -73,6 +73,7 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method", "cpebench.methods", {"sd": "cpebench.methods.sd:BaseModel", "cpe": "cpebench.methods.cpe:CPE"})
 METRICS: Registry = Registry("metric", "cpebench.metrics", {"nudenet": "cpebench.metrics.nudenet:NudeNet",
+                                                             "nudity_asr": "cpebench.metrics.nudity_asr:NudityASR",
                                                              "clip_score": "cpebench.metrics.clip_score:ClipScore",
                                                              "fid": "cpebench.metrics.fid:FID",
                                                              "kid": "cpebench.metrics.fid:KID",

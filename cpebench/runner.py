@@ -187,11 +187,31 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def sets_to_generate(cfg: RunConfig) -> list[str]:
-    """The prompt sets the task's metrics use (or run.sets if given), in task order."""
+    """The prompt sets the task's metrics use (or run.sets if given), in task order. A gated set the user
+    has no copy of is left out (and said so) unless run.sets names it, where its absence is an error."""
     if cfg.run.sets:
         return list(cfg.run.sets)
     used = {s for m in cfg.task.metrics.values() for s in m.prompt_sets}
-    return [s for s in cfg.task.prompt_sets if s in used]
+    return [s for s in cfg.task.prompt_sets if s in used and gated_copy_present(cfg, s)]
+
+
+def gated_copy_present(cfg: RunConfig, set_name: str) -> bool:
+    ps = cfg.task.prompt_sets[set_name]
+    if cfg.run.prompts == "smoke":
+        return True
+    if ps.format not in ("inline", "micro") and not ps.file and not ps.path:
+        log.info("prompt set %s: no path given (a set of found prompts: prompt_sets.%s.path=...); left out",
+                 set_name, set_name)
+        return False
+    if ps.file not in data.GATED_FILES:
+        return True
+    try:
+        data.resolve_gated(ps.file, cfg.run.data_dir, ps.path)
+    except data.GatedFileMissing:      # a copy that is there but wrong is an error, not a skip
+        log.warning("prompt set %s: no copy of the gated file %s; left out (see `cpebench ls prompt-sets`)",
+                    set_name, ps.file)
+        return False
+    return True
 
 
 def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord], dict]:
@@ -217,13 +237,23 @@ def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord]
                               f"{micro_prompts.split_of(set_name)!r}")
         info = {"file": None, "micro_world": set_name, "sha256": micro_prompts.sha256(set_name)}
     else:
+        if not ps.file and not ps.path:
+            raise ConfigError(f"{source}: format {ps.format!r} needs a file (or a path to a CSV of yours, e.g. an "
+                              f"attack's found_prompts.csv: prompt_sets.{set_name}.path=...)")
         if not ps.file:
-            raise ConfigError(f"{source}: format {ps.format!r} needs a file")
-        path = data.resolve_data_file(ps.file, cfg.run.data_dir, progress=True)
+            path = Path(ps.path).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"{source}: path {path} does not exist")
+        elif ps.file in data.GATED_FILES:
+            path = data.resolve_gated(ps.file, cfg.run.data_dir, ps.path, where=f"prompt_sets.{set_name}")
+        else:
+            path = data.resolve_data_file(ps.file, cfg.run.data_dir, progress=True)
         df = data.DATA_FILES.get(ps.file)
         recs = data.load_prompt_set(path, ps.format, split=ps.split, drop_empty=ps.drop_empty, dedupe=ps.dedupe)
         info = {"file": ps.file, "sha256": df.sha256 if df else data.sha256_file(path), "origin": df.origin if df else None,
-                "source": df.url if df else str(path)}
+                "source": df.url if df else str(path), "gated": ps.file in data.GATED_FILES}
+        if ps.file in data.GATED_FILES:
+            info["fixed_seed"] = data.FIXED_SEEDS.get(ps.format)
     if limit is not None:
         recs = recs[:limit]
     info.update({"format": ps.format, "rows": len(recs), "drop_empty": ps.drop_empty, "dedupe": ps.dedupe,
@@ -284,7 +314,7 @@ def task_concepts(cfg: RunConfig) -> list[str]:
     """The concepts to erase: the method's own list for the task (its YAML ``concepts:``, what its paper
     code erases there) if it has one, else the task's (``own_task_concepts``). Concepts given on the
     command line have already replaced both (``config.without_method_concepts``)."""
-    entry = cfg.method.concepts.get(cfg.task.name)
+    entry = cfg.method.concepts.get(cfg.task.method_task)
     return list(entry["names"]) if entry else own_task_concepts(cfg)
 
 
@@ -319,7 +349,8 @@ def paper_concepts(cfg: RunConfig) -> dict | None:
     replaced it), or None when the method names none for this task."""
     from .config import load_method_config
 
-    return cfg.method.concepts.get(cfg.task.name) or load_method_config(cfg.method.name).concepts.get(cfg.task.name)
+    task = cfg.task.method_task
+    return cfg.method.concepts.get(task) or load_method_config(cfg.method.name).concepts.get(task)
 
 
 def concepts_record(cfg: RunConfig, erased) -> dict:
