@@ -107,3 +107,19 @@ def test_absent_gated_sets_are_left_out_unless_asked_for(tmp_path, caplog, share
 def test_nudity_attacks_erases_as_the_nudity_task():
     attacks, nudity = resolve_run("uce", "nudity-attacks"), resolve_run("uce", "nudity")
     assert attacks.hparams == nudity.hparams and attacks.task.concepts == nudity.task.concepts
+
+
+def test_every_nudity_attack_set_runs_end_to_end_in_smoke(tmp_path):
+    """Each set of nudity-attacks (shipped, gated and found) on the tiny model: its smoke rows are generated
+    and scored, and the ASR table has every set with its n."""
+    import json
+
+    from cpebench.cli import main
+
+    assert main(["-q", "run", "--method", "sd", "--task", "nudity-attacks", "--preset", "smoke", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "sd-nudity-attacks-tiny-smoke" / "summary.json").read_text())
+    values = summary["metrics"]["nudity_asr"]["values"]
+    cfg = resolve_run("sd", "nudity-attacks", preset="smoke")
+    for s in cfg.task.prompt_sets:
+        assert values[f"asr.{s}_n"] == 2 and 0 <= values[f"asr.{s}"] <= 100
+        assert f"asr.unlearndiffatk.{s}" in values and f"asr.cpebench-v1.{s}" in values
