@@ -644,19 +644,18 @@ def load_official(path: Path, unet_keys: Sequence[str] | None = None) -> Artifac
     else:
         keys = list(unet_keys)
     concepts = [read_official(f, keys) for f in files]
+
+    def stack(key, suffix):
+        return torch.stack([c[f"{key}.{suffix}"] for c, _ in concepts])
+
     tensors = {}
     for key in keys:
-        def stack(suffix):
-            return torch.stack([c[f"{key}.{suffix}"] for c, _ in concepts])
         try:
-            tensors.update({f"{key}.lora_degen.weight": stack("lora_degen.weight"),
-                            f"{key}.lora_update.weight": stack("lora_update.weight"),
-                            f"{key}.bias.weight": stack("bias.weight").unsqueeze(0),
-                            f"{key}.debias.weight": stack("debias.weight").unsqueeze(0),
-                            f"{key}.selector.select_weight.weight": stack("selector.select_weight.weight"),
-                            f"{key}.selector.select_mean_diff.weight": stack("selector.select_mean_diff.weight"),
-                            f"{key}.selector.imp_center": stack("selector.imp_center"),
-                            f"{key}.selector.imp_slope": stack("selector.imp_slope"),
+            tensors.update({f"{key}.{suffix}": stack(key, suffix) for suffix in (
+                "lora_degen.weight", "lora_update.weight", "selector.select_weight.weight",
+                "selector.select_mean_diff.weight", "selector.imp_center", "selector.imp_slope")})
+            tensors.update({f"{key}.bias.weight": stack(key, "bias.weight").unsqueeze(0),
+                            f"{key}.debias.weight": stack(key, "debias.weight").unsqueeze(0),
                             f"{key}.alpha": torch.tensor(1.0)})
         except RuntimeError as e:      # torch.stack of unequal shapes: checkpoints of other ranks
             raise DataError(f"{path}: the checkpoints' {key} tensors differ in shape ({e}); all concepts of one "

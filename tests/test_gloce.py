@@ -26,8 +26,8 @@ NAMES = ["Van Gogh", "nudity"]
 # "Van Gogh's cat" contains the first target: the official code drops it from that target's candidates only.
 POOL = ["Tom Hanks", "Emma Watson", "Aaron Paul", "Claude Monet", "a dog", "a red car", "Van Gogh's cat"]
 # Short statistics (6 LMS steps, calls 2..4, 2 seeds); batch 3 mixes prompts and seeds and leaves a partial batch.
-HP = dict(anchor_pool=POOL, stats_steps=6, st_step=1, end_step=4, n_seeds=2, update_rank=4, degen_rank=2,
-          gate_rank=1, batch_size=3)
+HP = {"anchor_pool": POOL, "stats_steps": 6, "st_step": 1, "end_step": 4, "n_seeds": 2, "update_rank": 4,
+      "degen_rank": 2, "gate_rank": 1, "batch_size": 3}
 
 
 @pytest.fixture(scope="module")
@@ -346,9 +346,8 @@ def test_gate_is_closed_for_a_neutral_prompt_and_open_for_the_target(pipe, artif
 
 def test_apply_then_remove_restores_the_unet_bit_for_bit(pipe, artifact):
     before = unet_calls(pipe, ["A face of Van Gogh", "a dog"], 3)
-    with pytest.raises(RuntimeError, match="inside"):
-        with GLoCE().apply(pipe, artifact):
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), GLoCE().apply(pipe, artifact):
+        raise RuntimeError("inside")
     with GLoCE().apply(pipe, artifact):
         assert not torch.equal(unet_calls(pipe, ["A face of Van Gogh", "a dog"], 3), before)
     assert torch.equal(unet_calls(pipe, ["A face of Van Gogh", "a dog"], 3), before)
@@ -360,7 +359,7 @@ def test_call_counter_per_batch_and_official(pipe, artifact):
     """per_batch: a new prompt batch (context) starts the count again; official: one count, wrapping at 51."""
     prompt = ["A face of Van Gogh"]
     base = unet_calls(pipe, prompt, 1)[0]
-    ctx = lambda: torch.cat([text_embeddings(pipe, [""]), text_embeddings(pipe, prompt)])   # noqa: E731
+    ctx = lambda: torch.cat([text_embeddings(pipe, [""]), text_embeddings(pipe, prompt)])
     with GLoCE().apply(pipe, artifact):
         unet_calls(pipe, prompt, 5, ctx())
         assert torch.equal(unet_calls(pipe, prompt, 1, ctx())[0], base)     # new batch: call 1 again
