@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import data, provenance
-from .config import ProtocolConfig, RunConfig
+from .config import RunConfig
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ class ProtocolConfig:
 @dataclass(frozen=True)
 class PromptSetConfig:
     file: str | None = None          # name in data.DATA_FILES, e.g. prompts/I2P_prompts_4703.csv (or data.GATED_FILES)
-    path: str | None = None          # a user's copy of a gated file (default: <data dir>/<file>)
+    path: str | None = None          # a user's CSV: a gated file's copy (default <data dir>/<file>), or found prompts
     format: str = "inline"           # loader in data.LOADERS, or inline (rows below)
     split: str = ""                  # erased | remained | coco | ...
     negative_prompt: str = ""
@@ -503,7 +503,8 @@ def resolve_run(
             method_cfg = without_method_concepts(method_cfg, task_cfg.method_task)
     if preset_hparams or "hparams" in over:  # preset, then command line, beat the YAML's per-task values
         tasks = dict(method_cfg.tasks)
-        tasks[task_cfg.method_task] = {**(tasks.get(task_cfg.method_task) or {}), **preset_hparams, **over.get("hparams", {})}
+        key = task_cfg.method_task
+        tasks[key] = {**(tasks.get(key) or {}), **preset_hparams, **over.get("hparams", {})}
         method_cfg = dataclasses.replace(method_cfg, tasks=tasks)
 
     protocol_cfg = build(ProtocolConfig, protocol_raw, "command line/preset", "protocol.")

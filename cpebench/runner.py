@@ -192,10 +192,12 @@ def sets_to_generate(cfg: RunConfig) -> list[str]:
     if cfg.run.sets:
         return list(cfg.run.sets)
     used = {s for m in cfg.task.metrics.values() for s in m.prompt_sets}
-    return [s for s in cfg.task.prompt_sets if s in used and gated_copy_present(cfg, s)]
+    return [s for s in cfg.task.prompt_sets if s in used and set_available(cfg, s)]
 
 
-def gated_copy_present(cfg: RunConfig, set_name: str) -> bool:
+def set_available(cfg: RunConfig, set_name: str) -> bool:
+    """False for a set whose CSV the user has not given: a gated file without a copy, or found prompts
+    without a path (smoke runs use every set's inline stand-ins)."""
     ps = cfg.task.prompt_sets[set_name]
     if cfg.run.prompts == "smoke":
         return True
