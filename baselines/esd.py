@@ -68,7 +68,7 @@ from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
                               read_safetensors, weight_checksum)
-from cpebench.methods.common import (erase_inputs, load_state, restore_training, save_state,
+from cpebench.methods.common import (TrainableCopy, erase_inputs, load_state, restore_training, save_state,
                                      training_tensors)
 
 log = logging.getLogger(__name__)
@@ -281,26 +281,15 @@ class Trainer:
         self.emb = embeddings.to(self.device, torch.float32)             # [W, 77, D]
         self.uncond = uncond.to(self.device, torch.float32).reshape(1, *uncond.shape[-2:])
         self.latent_shape = (1, unet.config.in_channels, latent_size, latent_size)
-        params = dict(unet.named_parameters())
-        self.names = subset_names(list(params), hp.train_method, layers_per_block)
-        if not self.names:
+        names = subset_names([n for n, _ in unet.named_parameters()], hp.train_method, layers_per_block)
+        if not names:
             raise ConfigError(f"train_method {hp.train_method!r} selects no parameter of this UNet")
-        self.params = [params[n] for n in self.names]
         self.generator = torch.Generator().manual_seed(hp.seed)
         self.losses: list[float] = []
         self.step_done = 0
         # The frozen model = the original tensor objects; the trained copies take their place meanwhile.
-        self._grad_flags = {n: p.requires_grad for n, p in params.items()}
-        self._checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
-        self.frozen = {n: p.data for n, p in zip(self.names, self.params)}
-        self._closed = False
-        for p in params.values():
-            p.requires_grad_(False)
-        for p in self.params:
-            p.data = p.data.detach().clone().float()
-            p.requires_grad_(True)
-        if hp.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        self.copy = TrainableCopy(unet, names, gradient_checkpointing=hp.gradient_checkpointing)
+        self.names, self.params, self.frozen = self.copy.names, self.copy.params, self.copy.frozen
         self.opt = torch.optim.Adam(self.params, lr=hp.lr)
 
     # ---- one iteration, in pieces (the tests call them one by one)
@@ -381,17 +370,7 @@ class Trainer:
 
     def close(self) -> None:
         """Put the original tensor objects, grad flags and checkpointing state back (bit for bit)."""
-        if self._closed:
-            return
-        self._closed = True
-        params = dict(self.unet.named_parameters())
-        for n, p in zip(self.names, self.params):
-            p.grad = None
-            p.data = self.frozen[n]
-        for n, flag in self._grad_flags.items():
-            params[n].requires_grad_(flag)
-        if self.hp.gradient_checkpointing and not self._checkpointing:
-            self.unet.disable_gradient_checkpointing()
+        self.copy.close()
         self.opt.state.clear()
 
     # ---- resumable state

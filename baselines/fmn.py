@@ -52,7 +52,8 @@ from cpebench.attention import probed
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, read_safetensors
 from cpebench.methods.closed_form import weight_edit
-from cpebench.methods.common import (TOKENS, base_kv_checksums, base_kv_sha256, check_non_negative, erase_inputs, load_state, parse_hparams, restore_training, save_state,
+from cpebench.methods.common import (TOKENS, TrainableCopy, base_kv_checksums, base_kv_sha256, check_non_negative,
+                                     erase_inputs, load_state, parse_hparams, restore_training, save_state,
                                      training_tensors)
 
 log = logging.getLogger(__name__)
@@ -499,23 +500,12 @@ class Resteering:
         self.unet, self.ddpm, self.hp, self.device = unet, ddpm, hp, device
         self.contexts, self.masks, (self.mean, self.std) = contexts, masks, latents
         self.concept_of, self.scaling = list(concept_of), vae.config.scaling_factor
-        params = dict(unet.named_parameters())
-        self.names = trained_names(unet, hp.params)
-        self._flags = {n: p.requires_grad for n, p in params.items()}
-        chosen = set(self.names)
-        for n, p in params.items():
-            p.requires_grad_(n in chosen)
-        self.frozen = {n: params[n].data for n in self.names}
-        self.params = [params[n] for n in self.names]
-        for p in self.params:
-            p.data = p.data.clone()
+        self.copy = TrainableCopy(unet, trained_names(unet, hp.params), gradient_checkpointing=hp.gradient_checkpointing)
+        self.names, self.params, self.frozen = self.copy.names, self.copy.params, self.copy.frozen
         self.opt = torch.optim.AdamW(self.params, lr=hp.lr, betas=BETAS, eps=EPS, weight_decay=hp.weight_decay)
         self.clip = hp.clip_grad == "always" or (hp.clip_grad == "official" and hp.params == "attn2")
         self.draws = Draws(len(self.concept_of), hp.seed, ddpm.config.num_train_timesteps)
-        self._checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
-        if hp.gradient_checkpointing and not self._checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.step_done, self.losses, self._closed = 0, [], False
+        self.step_done, self.losses = 0, []
 
     def batch(self):
         picks = [self.draws.image() for _ in range(self.hp.batch_size)]
@@ -548,17 +538,7 @@ class Resteering:
                 if not torch.equal(p.data, self.frozen[n])}
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        params = dict(self.unet.named_parameters())
-        for n, p in zip(self.names, self.params):
-            p.grad = None
-            p.data = self.frozen[n]
-        for n, f in self._flags.items():
-            params[n].requires_grad_(f)
-        if self.hp.gradient_checkpointing and not self._checkpointing:
-            self.unet.disable_gradient_checkpointing()
+        self.copy.close()
         self.opt.state.clear()
 
     def save(self, path: Path, key: str) -> None:

@@ -253,3 +253,38 @@ def cosine_with_restarts(warmup: int, total: int, cycles: int):
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0))))
 
     return factor
+
+
+class TrainableCopy:
+    """Train some parameters of ``module`` in place: each named one gets a fresh float32 copy of its data,
+    while its original tensor (the frozen model, to diff against) is kept; every other parameter is frozen.
+    ``close`` puts the original tensors, the grad flags and the gradient-checkpointing state back bit for bit."""
+
+    def __init__(self, module: torch.nn.Module, names: Sequence[str], *, gradient_checkpointing: bool = False):
+        params = dict(module.named_parameters())
+        self.module, self.names = module, list(names)
+        self.params = [params[n] for n in self.names]
+        self.frozen = {n: p.data for n, p in zip(self.names, self.params)}
+        self._flags = {n: p.requires_grad for n, p in params.items()}
+        self._checkpointing = gradient_checkpointing and not getattr(module, "is_gradient_checkpointing", False)
+        self._closed = False
+        for p in params.values():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.data = p.data.detach().clone().float()
+            p.requires_grad_(True)
+        if self._checkpointing:
+            module.enable_gradient_checkpointing()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        params = dict(self.module.named_parameters())
+        for n, p in zip(self.names, self.params):
+            p.grad = None
+            p.data = self.frozen[n]
+        for n, flag in self._flags.items():
+            params[n].requires_grad_(flag)
+        if self._checkpointing:
+            self.module.disable_gradient_checkpointing()
