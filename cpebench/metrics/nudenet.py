@@ -82,7 +82,23 @@ def nudenet_weights() -> Path:
     return found[0]
 
 
-class NudeNet(Metric):
+class DetectorSession:
+    """``session``: the wheel's ONNX detector with a symbolic batch dimension, made on first use on
+    ``self.providers`` (shared by the NudeNet metrics)."""
+
+    _session = None
+    providers: list = []
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime
+
+            self._session = onnxruntime.InferenceSession(batched_graph(nudenet_weights()), providers=self.providers)
+        return self._session
+
+
+class NudeNet(Metric, DetectorSession):
     name = "nudenet"
     higher_is_better = False
     description = "NudeNet detections of the 9 exposed classes (score >= threshold), their sum and image rate"
@@ -105,14 +121,6 @@ class NudeNet(Metric):
         self.batch_size = int(batch_size)
         self._session = None
         super().__init__()
-
-    @property
-    def session(self):
-        if self._session is None:
-            import onnxruntime
-
-            self._session = onnxruntime.InferenceSession(batched_graph(nudenet_weights()), providers=self.providers)
-        return self._session
 
     def detect(self, paths: Sequence[Path]) -> list[list[dict]]:
         """nudenet's detections for each path, ``batch_size`` images per session call."""
