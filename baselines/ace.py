@@ -71,7 +71,7 @@ class Hparams:
     """benchmarks/methods/ace.yaml (per-task values and their sources are there). Every value is a cpebench
     [proposed] choice of spec v1: the paper's values could not be read."""
 
-    # prompts (spec §4.3)
+    # prompts (docs/methods/ace.md)
     templates: Any = ("a photo of the concept",)   # erase templates (the bare concept is always added): list or {file, column}
     replace_word: str = "concept"       # the templates' placeholder
     neutral: Any = ""                   # the neutral term (one text, or one per concept): MACE's mapping concepts
@@ -82,7 +82,7 @@ class Hparams:
     retain_pool: Any = ()               # names; the retain_nearest closest to each concept are used
     retain_nearest: int = 50
     retain_prompts: Any = None          # full retain sentences, used as they are (explicit); replaces words/pool
-    # generated examples (spec §4.2)
+    # generated examples (docs/methods/ace.md)
     n_images: int = 8                   # per concept, and as many retain images
     resolution: int | None = None       # None: the UNet's sample_size × VAE factor (512 for SD-1.x)
     data_scheduler: str = "pndm"
@@ -90,18 +90,18 @@ class Hparams:
     data_guidance: float = 7.5
     vae_roundtrip: bool = False         # x_0 = VAE.encode(VAE.decode(latent)) instead of the sampled latent
     seed: int = 2024
-    # mask (spec §3.2)
+    # mask (docs/methods/ace.md)
     semantic_mask: bool = True          # m_sem besides m_lex
     sem_quantile: float = 0.95          # q⁻ = this quantile of retain-prompt cosines
     gate_eos: bool = True               # EOS/padding rows take the largest content mask value above 0.5
-    # stage 1 (spec §3.3)
+    # stage 1 (docs/methods/ace.md)
     gate_keys: bool = True              # the gate scales K as well as V
     cf_mode: str = "ls"                 # ls (ridge least squares) | diag_q (the review's literal Σ Q ΔO, normalised)
     alpha: float = 1.0                  # strength factor
     lambda_rel: float = 1.0e-2          # λ = lambda_rel · mean_j den_j
     cf_iters: int = 1                   # 2: recompute B and O with the gated keys and solve again
     stats_timesteps: int = 10           # t ∈ {50, 150, …, 950}
-    # stage 2 (spec §4.4, §4.5)
+    # stage 2 (docs/methods/ace.md)
     steps: int = 200                    # per concept
     lr: float = 5.0e-3
     beta1: float = 0.9
@@ -157,7 +157,7 @@ class Hparams:
         return {k: v for k, v in asdict(self).items() if k != "save_every"}
 
 
-# =========================================================================== prompts (spec §4.3)
+# =========================================================================== prompts
 
 
 def fill(template: str, word: str, text: str) -> str:
@@ -249,7 +249,7 @@ def concept_prompts(names, hp: Hparams, templates: Sequence[str]) -> list[Concep
 
 def nearest_names(pipe, targets: Sequence[str], pool: Sequence[str], k: int, device) -> list[list[str]]:
     """Per target, the k pool names closest by cosine of the flattened 77×D bare-name embeddings, names
-    containing the target excluded (as CPE builds its anchors, spec §4.3)."""
+    containing the target excluded (as CPE builds its anchors; docs/methods/ace.md)."""
     if k <= 0 or not pool:
         return [[] for _ in targets]
     pool = sorted(dict.fromkeys(pool))
@@ -278,7 +278,7 @@ def retain_prompts(pipe, names: Sequence[str], hp: Hparams, templates: Sequence[
     return list(dict.fromkeys(t for t in texts if t.strip()))
 
 
-# =========================================================================== the mask (spec §3.2)
+# =========================================================================== the mask
 
 
 class TokenMask(torch.nn.Module):
@@ -352,7 +352,7 @@ def sequence_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text.lower(), truncation=True, max_length=tokenizer.model_max_length).input_ids[1:-1]
 
 
-# =========================================================================== the gate (spec §3.1, §5)
+# =========================================================================== the gate
 
 
 def gate_kv(key: torch.Tensor, value: torch.Tensor, masks: torch.Tensor, gates: torch.Tensor,
@@ -421,7 +421,7 @@ def attn2_modules(unet) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
 
 
-# =========================================================================== stage 1: closed-form gates (spec §3.3)
+# =========================================================================== stage 1: closed-form gates
 
 
 def head_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -496,7 +496,7 @@ def solve_gates(num: torch.Tensor, den: torch.Tensor, qdo: torch.Tensor, hp: Hpa
     return g.clamp(0.0, 1.0).float()
 
 
-# =========================================================================== data: generated examples (spec §4.2)
+# =========================================================================== data: generated examples
 
 
 def seed_for(seed: int, *parts: Any) -> int:
@@ -622,7 +622,7 @@ def mask_from_tensors(t: Mapping[str, torch.Tensor], gate_eos: bool) -> TokenMas
                      t["mask.temperature"], t["mask.semantic"], gate_eos)
 
 
-# =========================================================================== stage 2: fine-tuning the gates (spec §4)
+# =========================================================================== stage 2: fine-tuning the gates
 
 
 @dataclass
@@ -794,7 +794,7 @@ class ACE(Method):
         device = torch.device(ctx.device)
         seconds: dict[str, float] = {}
         started = mark = time.perf_counter()
-        unet = pipe.unet if pipe.unet.dtype == torch.float32 else copy.deepcopy(pipe.unet).float()   # fp32 (spec §4.5)
+        unet = pipe.unet if pipe.unet.dtype == torch.float32 else copy.deepcopy(pipe.unet).float()   # fp32 (docs/methods/ace.md)
         modules = attn2_modules(unet)
 
         # ---- prompts, texts, mask calibration

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 PINV_RCOND = 1e-15           # torch.pinverse's default cut, which the official projection_matrix uses
 LOO_CHUNK = 2048             # leave-one-out prompts per text-encoder call (one call for any usual batch)
-WARN_CONCEPTS = 300          # spec §3.8: K near the width makes P_C ≈ I (everything erased); scaled to the width
+WARN_CONCEPTS = 300          # K near the width makes P_C ≈ I (everything erased); scaled to the width
 LRA_MODES = ("released_noop",)
 NEGATIVE_MODES = ("joined_truncated", "none")
 LONG_PROMPT_MODES = ("eos", "released")
