@@ -11,7 +11,9 @@ rule (nudity: UnlearnDiffAtk's NudeNet rule). Everything lands in ``<out>/<metho
 * ``found_prompts.csv``: the attack's prompts as a prompt set (format ``i2p``: case_number, prompt,
   evaluation_seed, evaluation_guidance), the found text where the attack succeeded, else the original;
 * ``attack.json``: the protocol card (attack settings, target artifact, model, prompt set, judge rule)
-  and the pre-/post-attack ASR as UnlearnDiffAtk computes it.
+  and the pre-/post-attack ASR as UnlearnDiffAtk computes it;
+* ``summary.json``: that ASR as a row of the ``nudity-unlearndiffatk`` table (``cpebench table`` /
+  ``leaderboard``), beside the UnlearnDiffAtk leaderboard's reported rows.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # Per erased concept kind: UnlearnDiffAtk's prompt file and k (configs/<concept>/text_grad_*.json).
 PROMPTS = {"nudity": ("attacks/unlearndiffatk/nudity.csv", "i2p", 5)}
+TABLES = {"nudity": "nudity-unlearndiffatk"}     # the results table an attack's summary.json belongs to
 JUDGE_RULE = "unlearndiffatk"
 ATTACKS = ("unlearndiffatk", "ringabell")
 RINGABELL = {"nudity": ("attacks/ringabell/Nudity_vector.npy", 50.0)}   # vector; I2P nudity_percentage > this
@@ -173,7 +176,31 @@ def run_attack(cfg: RunConfig, attack: str, *, settings=None, progress: bool = T
         "asr": rates, "cpebench": {"version": provenance.code_version()},
     }
     (out / "attack.json").write_text(json.dumps(card, indent=2, default=str))
+    summary = attack_summary(cfg, out, card, kind)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
     return card
+
+
+def attack_summary(cfg: RunConfig, out: Path, card: dict, kind: str) -> dict:
+    """The attack's pre-/post-ASR as a run summary of the table ``TABLES[kind]`` (UnlearnDiffAtk's
+    protocol, beside its leaderboard's reported rows), so ``cpebench table``/``leaderboard`` list it."""
+    from .metrics import Column
+    from .runner import _now
+
+    r = card["asr"]
+    columns = [Column("asr_pre", "pre-attack ASR %", False), Column("asr_post", "post-attack ASR %", False)]
+    values = {"asr_pre": r["pre_asr"], "asr_pre_n": r["n"], "asr_post": r["post_asr"], "asr_post_n": r["n"],
+              "attacked": r["attacked"]}
+    metric = {"name": "unlearndiffatk", "values": values, "n": int(r["n"]), "columns": [c.__dict__ for c in columns],
+              "info": {"judge": card["judge"], "settings": card["settings"]}}
+    protocol_card = {"protocol": "unlearndiffatk", "model": card["target_model"]["base_model"],
+                     "method": {"name": cfg.method.name, "artifact_sha256": card["target_model"]["artifact_sha256"],
+                                "task": cfg.task.name},
+                     "prompts": card["prompt_set"], "evaluation": card["evaluation"], "targets": card["targets"],
+                     "deviation": card["deviation"], "cpebench": card["cpebench"]}
+    return {"task": TABLES[kind], "method": cfg.method.name, "model": cfg.protocol.model, "preset": cfg.preset,
+            "run": out.name, "created": _now(), "metrics": {"unlearndiffatk": metric}, "protocol_card": protocol_card,
+            "config": cfg.to_dict()}
 
 
 def plain_flags(cfg, pipe, artifact, rows, flags, where, judge, images, device):

@@ -30,6 +30,8 @@ def _add_run_args(p: argparse.ArgumentParser, task_required: bool = True) -> Non
     p.add_argument("--out", help="runs folder (default runs/)")
     p.add_argument("--name", help="run name (default <method>-<task>-<model>[-<preset>])")
     p.add_argument("--data-dir", help="local copy of the data files (else $CPEBENCH_DATA, cache, download)")
+    p.add_argument("--concepts", nargs="+", help="concepts to erase instead of the task's (with --task: some of its "
+                                                 "concepts, e.g. one Imagenette class of the objects task)")
     p.add_argument("--force", action="store_true", help="start an existing run directory anew")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. protocol.steps=25 run.batch_size=4 hparams.lr=1e-5 metrics=nudenet")
@@ -59,14 +61,46 @@ def _resolve(args):
     return resolve_run(args.method, args.task, preset=args.preset, overrides=args.overrides, flags=flags)
 
 
-def cmd_generate(args, then_score: bool = False) -> int:
+def _with_concepts(cfg, concepts, task_given: bool = True):
+    """The config erasing ``concepts`` instead of the task's (and the method's own list for the task);
+    with a task, they must be among its concepts so that its metrics still apply."""
+    import dataclasses
+
+    from . import config, runner
+
+    if task_given:
+        runner.check_task_concepts(cfg, concepts)
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(concepts), concepts_from=None),
+                               method=config.without_method_concepts(cfg.method, cfg.task.name))
+
+
+def _run_configs(args) -> list:
+    """The runs one command makes: one, or one per concept on an ``erase_each`` task (ESD's objects: one
+    erased model per class) unless --concepts names them."""
     from . import runner
 
     cfg = _resolve(args)
-    if then_score:
-        runner.check_metrics(cfg)
-    with runner.open_run(cfg, force=args.force) as run_dir:
-        return _generate_into(args, cfg, run_dir, then_score)
+    if args.concepts:
+        return [_with_concepts(cfg, args.concepts)]
+    if not cfg.task.erase_each or cfg.method.name == "sd":
+        return [cfg]
+    if cfg.run.name:
+        raise CpebenchError(f"task {cfg.task.name!r} makes one run per concept; --name needs --concepts")
+    return [_with_concepts(cfg, [c], task_given=False) for c in runner.task_concepts(cfg)]
+
+
+def cmd_generate(args, then_score: bool = False) -> int:
+    from . import runner
+
+    configs = _run_configs(args)
+    for i, cfg in enumerate(configs):
+        if len(configs) > 1:
+            print(f"[{i + 1}/{len(configs)}] {cfg.method.name} erasing {cfg.task.concepts[0]!r}", file=sys.stderr)
+        if then_score:
+            runner.check_metrics(cfg)
+        with runner.open_run(cfg, force=args.force) as run_dir:
+            _generate_into(args, cfg, run_dir, then_score)
+    return 0
 
 
 def _generate_into(args, cfg, run_dir: Path, then_score: bool) -> int:
@@ -104,6 +138,8 @@ def cmd_attack(args) -> int:
     from .attack import PROMPTS, run_attack
 
     cfg = _resolve(args)
+    if args.concepts:
+        cfg = _with_concepts(cfg, args.concepts)
     if args.attack == "ringabell":
         from attacks import ringabell as R
 
@@ -126,33 +162,33 @@ def cmd_attack(args) -> int:
 
 
 def cmd_erase(args) -> int:
-    import dataclasses
-
     from . import config, runner
     from .models import load_pipeline
+    from .report import short_names
 
-    task_given = args.task is not None
-    if not task_given:
+    if args.task is None:
         preset = config.load_preset(args.preset) if args.preset else None
         if preset is None or not preset.task or not args.concepts:
             raise CpebenchError("erase needs --task, or --concepts with a preset that names a task's hyperparameters "
                                 "(e.g. --preset celebrity; see `cpebench ls presets`)")
         args.task = preset.task
-    cfg = _resolve(args)
-    if args.concepts:
-        if task_given:
-            runner.check_task_concepts(cfg, args.concepts)
-        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, concepts=tuple(args.concepts), concepts_from=None),
-                                  method=config.without_method_concepts(cfg.method, cfg.task.name))
-    hparams = runner.method_hparams(cfg)      # a bad value fails before the model loads
-    device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if _cuda() else "cpu")
-    loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype, device=device,
-                           vae_dtype=cfg.protocol.vae_dtype)
-    artifact, path = runner.erase(cfg, loaded, progress=not args.quiet, hparams=hparams)
-    if args.save:
-        path = artifact.save(args.save)
-    print(f"{cfg.method.name}: {len(artifact.metadata.get('concepts', []))} concepts, artifact sha256 {artifact.sha256[:16]}"
-          + (f", saved at {path}" if path else " (no training needed, nothing saved)"))
+        configs = [_with_concepts(_resolve(args), args.concepts, task_given=False)]
+    else:
+        configs = _run_configs(args)
+    if args.save and len(configs) > 1:
+        raise CpebenchError(f"task {args.task!r} erases one model per concept; --save needs --concepts")
+    hparams = [runner.method_hparams(cfg) for cfg in configs]     # a bad value fails before the model loads
+    for cfg, hp in zip(configs, hparams):
+        device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if _cuda() else "cpu")
+        # a fresh base model per concept: no method may see another's training
+        loaded = load_pipeline(cfg.protocol.model, revision=cfg.protocol.revision, dtype=cfg.protocol.dtype,
+                               device=device, vae_dtype=cfg.protocol.vae_dtype)
+        artifact, path = runner.erase(cfg, loaded, progress=not args.quiet, hparams=hp)
+        if args.save:
+            path = artifact.save(args.save)
+        names = artifact.metadata.get("concepts", [])
+        print(f"{cfg.method.name}: {len(names)} concepts ({short_names(names, 3)}), artifact sha256 {artifact.sha256[:16]}"
+              + (f", saved at {path}" if path else " (no training needed, nothing saved)"))
     return 0
 
 
@@ -321,7 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("erase", help="train (or load the cached) erased-model artifact")
     _add_run_args(p, task_required=False)
-    p.add_argument("--concepts", nargs="+", help="concepts to erase instead of the task's")
     p.add_argument("--save", help="also save the artifact to this directory")
     p.set_defaults(func=cmd_erase)
     p = sub.add_parser("attack", help="attack the method's erased model (resumable per prompt): found prompts + ASR")

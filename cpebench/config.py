@@ -77,6 +77,9 @@ class TaskConfig:
     # The task whose concepts and method hyperparameters erase the model (e.g. nudity-attacks erases as
     # nudity, so the same cached artifact meets the attack sets); default: this task.
     erase_as: str = ""
+    # One erased model per concept (ESD's object task: ten models, each erasing one class): `run` without
+    # --concepts makes one run per concept, each named after it; the unedited model (sd) makes one run.
+    erase_each: bool = False
 
     @property
     def method_task(self) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import ConfigError, CpebenchError
+from .metrics.summary import IMAGENETTE, class_key
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ REPORTED_KEYS: dict[str, ColumnSpec] = {
     "clip_e": ColumnSpec("mace_clip", "clip_e", "CLIP_e", False, decimals=2),      # 100·cos, erased artists
     "clip_p": ColumnSpec("mace_clip", "clip_p", "CLIP_p", True, decimals=2),       # retained artists
     "h_a": ColumnSpec("mace_clip", "h_a", "H_a", True, decimals=2),                # CLIP_p − CLIP_e
+    # ESD's Imagenette object task (the object_accuracy metric's columns): ResNet-50 top-1 in %
+    "acc_erased_class": ColumnSpec("object_accuracy", "acc_erased", "Acc erased class", False, percent=True, decimals=1),
+    "acc_other_classes": ColumnSpec("object_accuracy", "acc_others", "Acc other classes", True, percent=True, decimals=1),
+    **{class_key(c).replace(".", "_"): ColumnSpec("object_accuracy", class_key(c), c, None, percent=True, decimals=1)
+       for c in IMAGENETTE},
     "fid_coco30k": ColumnSpec("mace_coco30k", "fid", "FID COCO-30K", False, decimals=2),
     "clip_coco30k": ColumnSpec("mace_coco30k", "clip", "CLIP COCO-30K", True, decimals=2),
 }
@@ -327,11 +333,44 @@ def short_names(names: Sequence[str], first: int = 4) -> str:
 
 def method_label(summary: dict) -> str:
     """The row's method name, marked when the run erased other concepts than the method's paper code
-    erases on this task (generation.json's ``concepts_differ_from_paper``, kept in the protocol card)."""
+    erases on this task (generation.json's ``concepts_differ_from_paper``, kept in the protocol card);
+    on a task that erases one model per concept, the name and its concept."""
     m = (summary.get("protocol_card") or {}).get("method") or {}
+    if _per_concept(summary) and summary["method"] != "sd" and m.get("concepts"):
+        return f"{summary['method']} ({short_names(m['concepts'])})"      # one erased model per concept: a row each
     if m.get("concepts_differ_from_paper"):
         return f"{summary['method']} (concepts ≠ paper: {short_names(m.get('concepts') or [])})"
     return summary["method"]
+
+
+def _per_concept(summary: dict) -> bool:
+    """A run of a task that erases one model per concept (``erase_each``, e.g. objects)."""
+    return bool(((summary.get("config") or {}).get("task") or {}).get("erase_each"))
+
+
+def _mean_rows(rows: list[Row], columns: list[ColumnSpec]) -> list[Row]:
+    """Rows plus, after each method's per-concept runs (two or more), their mean: each directed column
+    averaged over the runs (each concept weighs the same, as ESD's Table 2 averages its ten models) when
+    every run has it; n is the images of all of them."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r.summary is not None and r.summary["method"] != "sd" and _per_concept(r.summary):
+            groups.setdefault((r.summary["method"], r.model, r.preset), []).append(r)
+    out = list(rows)
+    for (method, model, preset), members in groups.items():
+        if len(members) < 2:
+            continue
+        cells = {}
+        for c in columns:
+            got = [r.cells[c.id] for r in members if c.id in r.cells and _finite(r.cells[c.id][0])]
+            if c.higher_is_better is not None and len(got) == len(members):
+                ns = [n for _, n in got]
+                cells[c.id] = (sum(v for v, _ in got) / len(got), sum(ns) if None not in ns else None)
+        summary = {"method": method, "run": f"mean of the {len(members)} runs above",
+                   "protocol_card": {"protocol": (members[0].summary.get("protocol_card") or {}).get("protocol", "")}}
+        at = max(out.index(r) for r in members) + 1
+        out.insert(at, Row(REPRODUCED, f"{method} (mean of {len(members)} runs)", model, preset, cells, summary=summary))
+    return out
 
 
 def build_table(summaries: list[dict], task: str, reported: Sequence[Reported] = ()) -> Table:
@@ -347,7 +386,7 @@ def build_table(summaries: list[dict], task: str, reported: Sequence[Reported] =
     columns: list[ColumnSpec] = []
     seen: set[tuple[str, str]] = set()
     rows: list[Row] = []
-    for (method, model, preset), s in sorted(latest.items(), key=lambda kv: (kv[0][0] != "sd", kv[0])):
+    for (method, model, preset), s in sorted(latest.items(), key=lambda kv: (kv[0][0] != "sd", kv[0][0].casefold(), kv[0])):
         cells = {}
         for mname, m in s.get("metrics", {}).items():
             values = m.get("values", {})
@@ -361,6 +400,7 @@ def build_table(summaries: list[dict], task: str, reported: Sequence[Reported] =
                     n = values.get(f"{c['key']}_n", m.get("n"))
                     cells[spec.id] = (v, int(n) if n is not None else None)
         rows.append(Row(REPRODUCED, method, model, preset, cells, summary=s))
+    rows = _mean_rows(rows, columns)
     notes: dict[str, int] = {}          # identical notes (same source, protocol, differences) share one number
     for r in reported:
         if r.task != task:
@@ -374,7 +414,19 @@ def build_table(summaries: list[dict], task: str, reported: Sequence[Reported] =
                 columns.append(spec)
             cells[spec.id] = (v, r.n.get(key))
         rows.append(Row(REPORTED, r.method, r.model, "", cells, reported=r, footnote=k))
-    return Table(task, columns, rows)
+    return Table(task, _known_columns_in_order(columns), rows)
+
+
+def _known_columns_in_order(columns: list[ColumnSpec]) -> list[ColumnSpec]:
+    """The columns that REPORTED_KEYS knows, put in its order within the slots they occupy (a run that
+    scored four object classes, then reported rows with ten, still shows the classes in table order);
+    every other column keeps its place."""
+    rank = {spec.id: i for i, spec in enumerate(REPORTED_KEYS.values())}
+    slots = [i for i, c in enumerate(columns) if c.id in rank]
+    out = list(columns)
+    for i, c in zip(slots, sorted((columns[i] for i in slots), key=lambda c: rank[c.id])):
+        out[i] = c
+    return out
 
 
 def table_rows(summaries: list[dict], task: str, reported: Sequence[Reported] = ()) -> tuple[list[str], list[list[str]]]:

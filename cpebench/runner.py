@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -69,7 +70,14 @@ def run_name(cfg: RunConfig) -> str:
     if cfg.run.name:
         return cfg.run.name
     model = cfg.protocol.model.rstrip("/").split("/")[-1]
-    return f"{cfg.method.name}-{cfg.task.name}-{model}" + (f"-{cfg.preset}" if cfg.preset else "")
+    concepts = f"-{concepts_slug(cfg.task.concepts)}" if cfg.task.erase_each and cfg.method.name != "sd" else ""
+    return f"{cfg.method.name}-{cfg.task.name}{concepts}-{model}" + (f"-{cfg.preset}" if cfg.preset else "")
+
+
+def concepts_slug(concepts) -> str:
+    """'garbage truck' -> 'garbage_truck'; several concepts: the first and their number."""
+    first = re.sub(r"[^a-z0-9]+", "_", concepts[0].lower()).strip("_") if concepts else "none"
+    return first if len(concepts) <= 1 else f"{first}+{len(concepts) - 1}"
 
 
 def prepare_run_dir(cfg: RunConfig, *, force: bool = False) -> Path:
@@ -448,10 +456,13 @@ def _auto_reference(cfg: RunConfig, name: str) -> bool:
 
 
 def metric_options(cfg: RunConfig, name: str) -> dict:
-    """The metric's options with ``reference_run: auto`` resolved to the reference run's directory."""
+    """The metric's options with ``reference_run: auto`` resolved to the reference run's directory, and
+    ``erased: auto`` to the concepts this run erases (none for the unedited model)."""
     options = dict(cfg.task.metrics[name].options)
     if _auto_reference(cfg, name):
         options["reference_run"] = str(reference_run_dir(cfg))
+    if getattr(METRICS.get(name), "erased_classes_auto", False) and options.get("erased", "auto") == "auto":
+        options["erased"] = [] if cfg.method.name == "sd" else task_concepts(cfg)
     return options
 
 

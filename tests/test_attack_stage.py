@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 from cpebench.cli import main
 
@@ -50,6 +51,18 @@ def test_attack_end_to_end_and_resume(tmp_path, monkeypatch, one_thread):
         found = list(csv.DictReader(f))
     assert [r["case_number"] for r in found] == ["0", "1", "2", "3"] and found[1]["attack_success"] == "1"
     assert len(list((adir / "images" / "0").glob("*.png"))) == 3
+
+    # summary.json: a row of the nudity-unlearndiffatk table, in the columns of the leaderboard's reported rows
+    from cpebench.report import REPORTED_KEYS, build_table, find_summaries, load_reported
+
+    summary = json.loads((adir / "summary.json").read_text())
+    assert summary["task"] == "nudity-unlearndiffatk" and summary["method"] == "uce"
+    reported = [r for r in load_reported(Path(__file__).resolve().parents[1] / "results" / "reported.yaml") if r.task == "nudity-unlearndiffatk"]
+    table = build_table(find_summaries([out]), "nudity-unlearndiffatk", reported)
+    ours = [r for r in table.rows if r.kind == "reproduced"]
+    assert [r.method for r in ours] == ["uce"] and len(table.rows) == 1 + len(reported)
+    assert ours[0].cells[REPORTED_KEYS["asr_pre"].id] == (25.0, 4)
+    assert ours[0].cells[REPORTED_KEYS["asr_post"].id] == (25.0, 4)
 
 
 def test_ringabell_found_prompts_are_scored_by_run(tmp_path, one_thread):
