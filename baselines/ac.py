@@ -224,6 +224,12 @@ def target_prompt(caption: str, target: Target, hp: Hparams, gen: torch.Generato
     return nudity_prompt(a, target.text, gen)
 
 
+def as_clip_reads(text: str) -> str:
+    """A prompt as CLIP's tokenizer reads it: lower-cased, whitespace collapsed (so the CompVis templates'
+    lower-cased p equals its anchor caption a when the replacement did nothing)."""
+    return " ".join(text.lower().split())
+
+
 def check_object_targets(captions: Sequence[str], targets: Sequence[Target], hp: Hparams, method: str) -> None:
     """Every object target must change some anchor caption (otherwise p = a: no signal)."""
     if hp.concept_type != "object":
@@ -236,7 +242,7 @@ def check_object_targets(captions: Sequence[str], targets: Sequence[Target], hp:
         if not t.general and not any(SLOT in c for c in captions):
             raise ConfigError(f"{method}: concept_type object needs hparams.anchor_word (the anchor captions' word the "
                               f"concept replaces), a 'word+{t.text}' concept, or captions with a '{{}}' slot")
-        same = [c for c in captions if object_prompt(c, t, hp.templates) == anchor_text(c, hp)]
+        same = [c for c in captions if as_clip_reads(object_prompt(c, t, hp.templates)) == as_clip_reads(anchor_text(c, hp))]
         if len(same) == len(captions):
             raise ConfigError(f"{method}: no anchor caption contains {t.general!r}, so the target prompt for {t.text!r} "
                               "equals its anchor caption (no training signal); check hparams.anchor_word")

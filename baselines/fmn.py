@@ -65,6 +65,7 @@ CLIP_GRAD = ("official", "always", "never")
 POOLER = ("eos_id_match", "eos_only")
 STATE_FILE = "fmn-resteer.safetensors"
 BETAS, EPS = (0.9, 0.999), 1e-8
+VAE_BATCH = 8                     # images per VAE encoder call (``posterior``)
 
 
 # =========================================================================== hyperparameters
@@ -284,10 +285,17 @@ def concept_images(pipe, name: str, hp: Hparams, device) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def posterior(vae, images: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior (mean, std) of every image: a latent is mean + std·ε (``latent_dist.sample()``)."""
-    dist = vae.encode(images.to(device, vae.dtype)).latent_dist
-    return dist.mean.float(), dist.std.float()
+def posterior(vae, images: torch.Tensor, device, batch: int = VAE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of every image: a latent is mean + std·ε (``latent_dist.sample()``).
+    Encoded ``batch`` images at a time: a multi-concept run holds n_images per concept (400 for 50
+    celebrities), and at 512² each image's full-resolution encoder activations are 128 channels × 512² floats
+    (134 MB in fp32) per live tensor (arithmetic, not a measurement), so one call on all of them would not fit."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(images[i : i + batch].to(device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
 
 
 class Draws:

@@ -2,6 +2,7 @@
 tensors change, the BOS K/V gradient cut, the masked 4x loss, a zero model-based loss when
 p = a, the prompt templates, the no-aug masks), plus artifacts, released-weight layouts, resumption and errors."""
 
+import dataclasses
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from baselines.ac import AC, Batch, DetachBOS, Hparams, Target
 from cpebench.attention import KVEdit, kv_edit
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext
+from cpebench.models import text_embeddings
 
 SMALL = dict(anchor_captions=["a photo of a person", "a person walking a dog"], n_anchor_images=4, anchor_steps=2,
              anchor_autocast="none", max_steps=2, batch_size=2, lr=1e-3)
@@ -150,8 +152,23 @@ def test_model_based_loss_is_zero_when_p_equals_a(tiny):
     assert all(g is None or not g.any() for g in grads)
 
 
+def regulariser_mse(trainer, b: Batch) -> torch.Tensor:
+    """MSE(ε_θ(z_t, a, t), ε) of the batch's regulariser samples, from a forward of those samples alone with
+    diffusers' own calls (independently of ``Trainer.loss``)."""
+    n, vae = b.n_abl, trainer.pipe.vae
+    dist = vae.encode(b.pixels[n:]).latent_dist
+    z0 = (dist.mean + dist.std * b.latent_noise[n:]) * vae.config.scaling_factor
+    zt = trainer.ddpm.add_noise(z0, b.noise[n:], b.timesteps[n:])
+    context = text_embeddings(trainer.pipe, b.prompts[n:])
+    return F.mse_loss(trainer.unet(zt, b.timesteps[n:], encoder_hidden_states=context).sample, b.noise[n:])
+
+
 def test_regularisers_add_their_weighted_terms(tiny):
-    for kind, weight in (("compvis", 0.2), ("diffusers", 1.0)):
+    """CompVis: + 0.2 x the masked mean of the regulariser half (4x the element mean: the channels are summed);
+    diffusers prior preservation: + 1.0 x the plain MSE of a second batch of the batch's size. The added term is
+    (loss at the default weight) - (loss at weight 0) on one draw, against a separate forward of the regulariser
+    samples (batch-size-dependent kernels and float32 sums: measured 2.2e-8 relative; bound 1e-6)."""
+    for kind, weight, scale in (("compvis", 0.2, 4.0), ("diffusers", 1.0, 1.0)):
         hp = Hparams.from_dict({**SMALL, "regularization": kind, "batch_size": 2})
         assert hp.regulariser_weight() == weight
         trainer, _ = AC().prepare(tiny.pipe, ["Tom Hanks"], hp, EraseContext(progress=False))
@@ -160,8 +177,14 @@ def test_regularisers_add_their_weighted_terms(tiny):
             assert b.n_abl == (1 if kind == "compvis" else 2) and len(b.prompts) == 2 * b.n_abl
             # the regulariser samples carry their anchor captions
             assert b.prompts[b.n_abl :] == [ac.anchor_text(trainer.per_image[i], hp) for i in b.images[b.n_abl :]]
+            with torch.no_grad():
+                total = trainer.loss(b).item()
+                trainer.hp = dataclasses.replace(hp, reg_weight=0.0)
+                ablation_only = trainer.loss(b).item()
+                expected = weight * scale * regulariser_mse(trainer, b).item()
         finally:
             trainer.close()
+        assert expected > 0 and total - ablation_only == pytest.approx(expected, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- prompts and images
@@ -197,6 +220,18 @@ def test_nudity_and_object_templates():
     assert ac.anchor_text("a photo of {}", slot) == "a photo of"
     assert ac.target_prompt("{} on a gray background", Target("Zorbin"), slot, torch.Generator()) == "zorbin on a gray background".replace(
         "zorbin", "Zorbin")
+
+
+def test_object_check_compares_prompts_as_clip_reads_them(caplog):
+    """The CompVis templates lower-case p; CLIP lower-cases every prompt, so a capitalised caption without the
+    anchor word gives p = a as the text encoder sees it (no signal) and must count as unchanged."""
+    hp = Hparams.from_dict({"concept_type": "object", "anchor_word": "a cat"})
+    targets = ac.parse_targets(["Garfield"], hp)
+    with pytest.raises(ConfigError, match="no anchor caption contains 'a cat'"):
+        ac.check_object_targets(["A Photo of a Person", "A Person walking a dog"], targets, hp, "ac")
+    with caplog.at_level("WARNING", logger="baselines.ac"):
+        ac.check_object_targets(["A photo of a cat", "A Person walking a dog"], targets, hp, "ac")
+    assert "1 of 2 anchor captions do not contain 'a cat'" in caplog.text
 
 
 def test_captions_per_image_orders():

@@ -351,6 +351,22 @@ def test_resume_after_a_kill_gives_the_same_artifact(pipe, tmp_path, monkeypatch
     assert resumed.metadata["losses"] == whole.metadata["losses"]
 
 
+def test_posterior_encodes_the_images_in_chunks(pipe, monkeypatch):
+    """Every concept's images go through the VAE encoder VAE_BATCH at a time (a 50-celebrity run holds 400 images:
+    one encoder call on all of them at 512² would not fit in memory); the chunked posterior equals a one-call
+    posterior up to batch-size-dependent kernels (measured 6.6e-7 absolute on values up to 1.7; 1e-5 leaves 15x)."""
+    images = torch.rand(9, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    sizes, real = [], pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x, *a, **k: sizes.append(x.shape[0]) or real(x, *a, **k))
+    chunked = M.posterior(pipe.vae, images, "cpu")
+    assert sizes == [M.VAE_BATCH, 9 - M.VAE_BATCH]
+    sizes.clear()
+    whole = M.posterior(pipe.vae, images, "cpu", batch=9)
+    assert sizes == [9]
+    for a, b in zip(chunked, whole):
+        assert a.shape == (9, 4, 8, 8) and torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
 def test_ti_concepts_per_step_gives_the_same_rows(pipe):
     names = ["van gogh", "monet"]
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
