@@ -41,12 +41,13 @@ Deviations (docs/methods/advunlearn.md; each restorable by a hyperparameter wher
 
 * the attack's missing ``zero_grad`` (gradients accumulate over the attack steps) is fixed:
   ``attack_grad: fresh``; ``accumulate`` is the official behaviour;
+* the layer-subset modes (not the paper method) take exactly the named layers; the official
+  ``startswith`` match ('layers.1' also takes 10, 11) is ``layer_match: prefix``;
 * the official ``--lr`` is ``type=int`` (only the default works); here a float;
 * seeded (the official code sets no seed); ``retain_train: iter`` and the ``condition_embd`` attack and the
   ``mid_k``/``insert_k``/``per_k_words`` splices are not implemented (not the paper method).
 Kept as official (named options): the attack returns the prompt built before its last update
-(``attack_result: before_last_update``), the splice counts words not BPE tokens (``prompt_split: words``),
-the layer-subset modes match layer names by prefix (``layer_match: prefix``: 'layers.1' also takes 10, 11).
+(``attack_result: before_last_update``), the splice counts words not BPE tokens (``prompt_split: words``).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class Hparams:
     train_method: str = "text_encoder_full"
     component: str = "all"               # all | ffn | attn
     norm_layer: bool = False             # --norm_layer: final_layer_norm also in the layer-subset modes
-    layer_match: str = "prefix"          # prefix (official startswith: layers.1 also takes 10, 11) | exact
+    layer_match: str = "exact"           # exact (the intended layers) | prefix (official startswith: layers.1 also takes 10, 11)
     iterations: int = 1000
     lr: float = 1.0e-5
     start_guidance: float = 3.0          # CFG of the x_t sampling
@@ -368,7 +369,9 @@ class Draws:
     def plan(self, i: int) -> Plan:
         hp = self.hp
         g = torch.Generator().manual_seed(_seed(hp.seed, "iteration", i))
-        torch.randint(self.n_words, (1,), generator=g)     # the first draw is the concept of an update round
+        # Every iteration's stream starts with the concept draw (used only where an update round starts; ``word``
+        # re-draws it from the round's first iteration), so the draws below have the same place in every stream.
+        torch.randint(self.n_words, (1,), generator=g)
         word = self.word(i)
         init_ids, attack = None, []
         if self.attacks(i):
@@ -521,8 +524,6 @@ class Trainer:
         if unet.dtype != torch.float32:          # the paper trains in fp32
             unet = copy.deepcopy(unet).float()
         self.unet = unet
-        self._unet_flags = {n: p.requires_grad for n, p in unet.named_parameters()}
-        unet.requires_grad_(False)               # gradients flow to the context only
         self.encoder = copy.deepcopy(pipe.text_encoder).float().to(self.device).eval()
         self.encoder.requires_grad_(False)
         params = dict(self.encoder.named_parameters())
@@ -556,6 +557,10 @@ class Trainer:
         self.last: dict[str, float] = {}
         self.step_done = 0
         self.frozen = {n: p.detach().clone() for n, p in zip(self.param_names, self.params)}
+        # Last, once nothing above can raise (a concept too long to splice, a foreign scheduler): the pipeline's
+        # UNet is only changed, and ``close`` only owed, when the trainer exists.
+        self._unet_flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+        unet.requires_grad_(False)               # gradients flow to the context only
 
     # ---- the bank, one chunk of iterations at a time
 

@@ -130,6 +130,10 @@ class Hparams:
         if not self.window:
             raise ConfigError(f"{method}: hparams.st_step={self.st_step}, end_step={self.end_step}, stats_steps="
                               f"{self.stats_steps} leave no statistics step (calls st_step < t <= end_step, t < stats_steps)")
+        if self.n_anchors * self.n_seeds * len(self.window) < 2:
+            raise ConfigError(f"{method}: the gate's centre is mean + thresh·std of the anchor maxima, one per anchor, "
+                              f"seed and statistics call: n_anchors × n_seeds × calls = {self.n_anchors} × {self.n_seeds} "
+                              f"× {len(self.window)} gives fewer than 2 (std undefined, the gate would be NaN)")
         if "{}" not in self.template:
             raise ConfigError(f"{method}: hparams.template must contain '{{}}' (the concept's place), got {self.template!r}")
         if self.gate_st_step is not None and self.gate_st_step < 0:

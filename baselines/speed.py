@@ -14,7 +14,7 @@ targets are exactly ``['nudity']``. No retain texts: R = rows 1..76 of ``''``. W
     IPF: keep the r with ‖E r‖ > mean_R ‖E r‖               (``filter``, only when aug_num > 0)
     DPA: per chunk of 128 kept r, per mini-batch of 8, ``aug_num`` copies r' = r + ξ v_min (ξ = noise·v_min,
          noise ~ N(0, I)); keep the copies with ‖E r'‖ > the chunk's mean over its copies
-    R_cov = mean r rᵀ over kept + augmented;  P = U U ᵀ over R_cov's eigenvectors with eigenvalue < τ
+    R_cov = mean r rᵀ over kept + augmented;  P = U Uᵀ over R_cov's eigenvectors with |eigenvalue| < τ
     M = (T P + α I)⁻¹,  K2 = [BOS of '', 3 k-means centres of rows 1..76 of '']   (D × 4)
 
     Δ = W (A − T) P [I − M K2 (K2ᵀ P M K2 + λ I₄)⁻¹ K2ᵀ P] M
@@ -63,7 +63,7 @@ PARAMS = {"V": ("to_v",), "K": ("to_k",), "KV": ("to_k", "to_v")}    # --params 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 NULL_CLUSTERS = 3          # k-means clusters of the null text's rows 1..76 (hard-coded officially)
 KMEANS_TOL = 1e-4          # kmeans_pytorch 0.3: stop when (Σ centre shifts)² < tol
-KMEANS_MAX_ITER = 1000     # a cap kmeans_pytorch does not have (it converges in a few iterations)
+KMEANS_MAX_ITER = 1000     # a cap kmeans_pytorch 0.3 lacks (the null text's rows: 12 iterations on the tiny model)
 RELEASE_SD14_WIDTHS = {"down_blocks.0": 320, "up_blocks.3": 320, "down_blocks.1": 640, "up_blocks.2": 640,
                        "down_blocks.2": 1280, "up_blocks.1": 1280, "mid_block": 1280}
 
@@ -119,7 +119,8 @@ class Hparams:
 
 
 def anchors_for(anchor: Any, names: Sequence[str]) -> list[str]:
-    """One anchor per target (comma-split and stripped officially; one anchor is broadcast)."""
+    """One anchor per target, stripped; a single anchor is broadcast. (The official ``--anchor_concepts`` is one
+    comma-separated string; here a list gives several, and a text is always one anchor.)"""
     anchors = [anchor] if isinstance(anchor, str) else list(anchor)
     anchors = [a.strip() for a in anchors]
     if len(anchors) == 1:
@@ -290,7 +291,9 @@ def speed_deltas(weights: Sequence[torch.Tensor], inp: Inputs, hp: Hparams, gen:
         covs.append(cov)
         counts.append(info)
     evals, evecs = torch.linalg.eigh(torch.stack(covs))         # R_cov is symmetric PSD: SVD = eigendecomposition
-    null = (evals < hp.threshold).to(t.dtype)
+    # The official test is on torch.svd's singular values, i.e. |eigenvalue|: eigh returns the null directions'
+    # rounding as tiny negative eigenvalues, which `evals < τ` would take even at τ = 0 (where the official P is 0).
+    null = (evals.abs() < hp.threshold).to(t.dtype)
     p = (evecs * null[:, None, :]) @ evecs.transpose(1, 2)     # projector on the (near-)null space
     m = torch.linalg.inv(t @ p + hp.retain_scale * eye)         # M = (T P + α I)⁻¹
     pk = p @ k2                                                 # P K2

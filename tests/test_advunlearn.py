@@ -97,7 +97,8 @@ def test_only_the_text_encoder_changes(pipe, trained):
 
 def test_subsets_are_the_official_param_choices():
     """text_encoder_full on SD-1.4's encoder = 85,056,000 of 123,060,480 parameters (spec); the layer modes
-    match by prefix as the official startswith does ('layers.1' also takes 10 and 11) unless layer_match exact."""
+    take exactly their layers, or match by prefix as the official startswith does ('layers.1' also takes 10 and
+    11) with layer_match prefix."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
@@ -111,8 +112,8 @@ def test_subsets_are_the_official_param_choices():
     def layers(names):
         return sorted({int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n})
 
-    assert layers(trained_names(sd14, Hparams(train_method="text_encoder_layer01"))) == [0, 1, 10, 11]
-    assert layers(trained_names(sd14, Hparams(train_method="text_encoder_layer01", layer_match="exact"))) == [0, 1]
+    assert layers(trained_names(sd14, Hparams(train_method="text_encoder_layer01"))) == [0, 1]
+    assert layers(trained_names(sd14, Hparams(train_method="text_encoder_layer01", layer_match="prefix"))) == [0, 1, 10, 11]
     ffn = trained_names(sd14, Hparams(component="ffn"))
     assert ffn and all(".mlp." in n for n in ffn)                  # final LN only with component all / norm_layer
     assert any("final_layer_norm" in n for n in trained_names(sd14, Hparams(component="ffn", norm_layer=True)))
@@ -134,6 +135,9 @@ def test_prefix_splice_is_sot_adv_word_rest(pipe):
     h = Hparams.from_dict({**FAST, "prompt_split": "tokens"})
     assert advunlearn.make_words(pipe.tokenizer, tr.table, ["Zorbinquax"], h)[0].n == tok
     assert advunlearn.make_words(pipe.tokenizer, tr.table, ["Zorbinquax"], Hparams.from_dict(FAST))[0].n == 1
+    # the word above is the paper's own concept: 'nudity' is two BPE tokens (nu, dity; the tiny model's tokenizer
+    # is CLIP's vocabulary) but one word, so the official splice keeps [SOT, adv, nu, ...] and drops 'dity'
+    assert len(pipe.tokenizer("nudity").input_ids) - 2 == 2 and word.n == 1
 
 
 # --------------------------------------------------------------------------- the objective
@@ -220,6 +224,71 @@ def test_attack_lowers_the_objective_it_attacks(pipe):
         assert all(p.grad is None for p in tr.params)
     finally:
         tr.close()
+
+
+def reference_attack(tr: Trainer, work, grad: str, result: str, method: str = "pgd") -> torch.Tensor:
+    """soft_prompt_attack written from attack_util.py: one Adam over the k vectors, per step the prefix_k prompt
+    [SOT | adv | word | rest], MSE(ε*(z, t, τ_θ(prompt)), ε_p), backward, (fast_at: sign), step; the official
+    never zeroes the gradient (``accumulate``) and returns the prompt built before the last update."""
+    from baselines.advunlearn import encode_embeds
+
+    word = tr.words[work.plan.word]
+    e = word.embeds
+    adv = F.embedding(work.plan.init_ids[: tr.k], tr.table)[None].clone().requires_grad_(True)
+    opt = torch.optim.Adam([adv], lr=tr.hp.attack_lr)
+    for s in work.attack:
+        prompt = torch.cat([e[:, :1], adv, e[:, 1 : 1 + word.n], e[:, 1 + word.n + tr.k :]], 1)
+        if grad == "fresh":
+            opt.zero_grad()
+        loss = F.mse_loss(tr._eps(s.z, s.t, encode_embeds(tr.encoder, word.ids, prompt)), s.e_c)
+        loss.backward()
+        if method == "fast_at":
+            adv.grad.sign_()
+        opt.step()
+    if result == "last_update":
+        prompt = torch.cat([e[:, :1], adv, e[:, 1 : 1 + word.n], e[:, 1 + word.n + tr.k :]], 1)
+    return prompt.detach()
+
+
+@pytest.mark.parametrize("grad, result, method", [("fresh", "before_last_update", "pgd"),
+                                                  ("accumulate", "before_last_update", "pgd"),
+                                                  ("fresh", "last_update", "pgd"),
+                                                  ("accumulate", "last_update", "fast_at")])
+def test_attack_is_the_official_loop_with_its_two_quirks_as_options(pipe, grad, result, method):
+    """The attack against an independent restatement of soft_prompt_attack: the default zeroes the gradient
+    each step (the official accumulates: ``attack_grad: accumulate``) and returns the prompt built before the
+    last update (``attack_result``). Each option changes the prompt, so a swapped or ignored option fails."""
+    tr = trainer(pipe, warmup_iter=0, attack_step=4, attack_lr=0.05, attack_grad=grad, attack_result=result,
+                 attack_method=method)
+    try:
+        work = tr.prepare(0)
+        tr.attack(work)
+        got = tr.adv_prompt
+        # the same float32 operations in the same order: measured bit-identical (0.0); 1e-6 allows reordering
+        torch.testing.assert_close(got, reference_attack(tr, work, grad, result, method), rtol=0, atol=1e-6)
+        other_grad = {"fresh": "accumulate", "accumulate": "fresh"}[grad]
+        other_result = {"before_last_update": "last_update", "last_update": "before_last_update"}[result]
+        for g, r in ((other_grad, result), (grad, other_result)):
+            # the alternative's prompt differs on the adversarial row: measured ≥ 0.04 (an Adam step moves each
+            # coordinate by ~lr = 0.05); 1e-3 is far below that and far above the 0 difference measured above
+            assert float((reference_attack(tr, work, g, r, method) - got).abs().max()) > 1e-3, (g, r)
+    finally:
+        tr.close()
+
+
+def test_failed_setup_leaves_the_pipeline_unchanged(pipe):
+    """A ConfigError raised while the trainer is built (a concept too long for the splice) must not leave the
+    pipeline's UNet with its grad flags switched off (erase leaves ``pipe`` unchanged)."""
+    flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    pipe.unet.requires_grad_(True)                        # as a pipeline built outside cpebench's loader has it
+    try:
+        snap = snapshot(pipe.unet)
+        with pytest.raises(ConfigError, match="leaves no room"):
+            erase(pipe, concepts=(" ".join(["cat"] * 80),))
+        assert_unchanged(pipe.unet, snap)
+    finally:
+        for n, p in pipe.unet.named_parameters():
+            p.requires_grad_(flags[n])
 
 
 def test_retain_batches_are_drawn_without_replacement(pipe):

@@ -449,10 +449,29 @@ def test_bad_official_checkpoint_is_a_data_error(pipe, artifact, tmp_path):
     ({"n_anchors": 0}, "n_anchors"),
     ({"thresh": 0}, "thresh"),
     ({"resolution": "big"}, "resolution"),
+    ({"n_anchors": 1, "n_seeds": 1, "st_step": 3, "end_step": 4}, "fewer than 2"),   # one anchor maximum: std NaN
 ])
 def test_bad_hparams_are_named(bad, needle):
     with pytest.raises(ConfigError, match=needle):
         GLoCE().parse_hparams({**HP, **bad})
+
+
+def test_pool_options_neutral_surrogate_and_gate_start(pipe):
+    """anchor_exclude drops names case-insensitively, anchor_unique drops exact repeats (the celebrity list keeps
+    them); surrogate: neutral takes the neutral text in the template (artists, explicit); gate_st_step, not
+    st_step, sets the inference start recorded for apply."""
+    hp = gl.Hparams.from_dict({**HP, "anchor_pool": ["Ann", "Bo", "Ann", "Cy"], "anchor_exclude": ["cy"]})
+    assert gl.anchor_pool(hp, None) == ["Ann", "Bo", "Ann"]
+    assert gl.anchor_pool(gl.Hparams.from_dict({**HP, "anchor_pool": ["Ann", "Bo", "Ann"], "anchor_unique": True}),
+                          None) == ["Ann", "Bo"]
+    artist = gl.Hparams.from_dict({**HP, "template": "An image in the style of {}", "surrogate": "neutral",
+                                   "neutral": "real photograph", "gate_concept": "real photograph"})
+    (p,) = gl.select_prompts(pipe, ["Van Gogh"], artist, POOL, "cpu")
+    assert p.surrogates == ["An image in the style of real photograph"] and p.surrogate_names == ["real photograph"]
+    assert p.gate == p.surrogates[0] and len(p.anchors) == 3
+    short = {**HP, "stats_steps": 3, "st_step": 0, "end_step": 1, "n_seeds": 1, "gate_st_step": 3}
+    art = GLoCE().erase(pipe, [Concept("Van Gogh")], short, EraseContext(progress=False))
+    assert art.metadata["gloce"]["st_step"] == 3
 
 
 def test_erase_time_errors_name_the_hparam(pipe):
