@@ -512,6 +512,10 @@ def generate(cfg: RunConfig, run_dir: Path, *, progress: bool = True, on_written
     engine = Engine(loaded.pipe, cfg.protocol, device=device, batch_size=cfg.run.batch_size,
                     png_compress_level=cfg.run.png_compress_level, progress=progress, compile=cfg.run.compile,
                     cuda_graphs=cfg.run.cuda_graphs, channels_last=cfg.run.channels_last)
+    if engine.batch_size == "auto":
+        # Resolve it here: the memory probe runs the UNet on its own, which must not count as a call of the
+        # method's per-batch hooks (GLoCE's step counter, SAFREE's announced prompts).
+        engine.batch_size = engine.run_batch_size(read_manifest(run_dir), len(items), shard[1])
     with method.apply(loaded.pipe, artifact):
         attention_backend = sorted({type(p).__name__ for k, p in loaded.pipe.unet.attn_processors.items()
                                     if k.endswith("attn2.processor")})

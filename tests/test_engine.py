@@ -385,3 +385,20 @@ def test_a_cacheable_edit_runs_once_per_batch_not_per_step(tiny, tmp_path):
     with kv_edit(tiny.pipe.unet, Counting(cacheable=True)):
         Engine(tiny.pipe, proto, batch_size=2, progress=False).generate(items(4), tmp_path)
     assert len(calls) == 16 * 2 and len(set(calls)) == 16     # 16 attn2 layers x 2 batches, not x 5 steps
+
+
+def test_auto_batch_size_is_resolved_outside_the_methods_edits(tmp_path, monkeypatch, one_thread):
+    """The memory probe runs the UNet by itself: inside ``Method.apply`` it would count as a call of the
+    method's per-batch hooks (GLoCE's step counter), so the runner resolves ``auto`` before applying."""
+    from cpebench.cli import main
+
+    hooks_seen = []
+
+    def probe(self, n_images, limit=64):
+        hooks_seen.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.pipe.unet.modules()))
+        return 2
+
+    monkeypatch.setattr(Engine, "auto_batch_size", probe)
+    assert main(["-q", "generate", "--method", "gloce", "--task", "nudity", "--preset", "smoke", "--batch-size", "auto",
+                 "--out", str(tmp_path), "protocol.steps=2"]) == 0
+    assert hooks_seen == [0]
