@@ -121,3 +121,18 @@ def test_two_processes_give_the_single_process_images(gpu_check, tmp_path, tiny_
     assert rc == 0 and shard["status"] == "pass", shard
     assert shard["numbers"]["backend"] == "gloo" and shard["numbers"]["world"] == 2
     assert shard["numbers"]["nccl"].startswith("skipped")
+
+
+@pytest.mark.slow
+def test_the_wave2_plan_runs_on_the_cpu(gpu_check, tmp_path, tiny_dir, one_thread):
+    """The second-wave methods' and the attack's checks (``--checks wave2``) end to end on the tiny model."""
+    rc, report, md = cpu_run(gpu_check, tmp_path, "--checks", "wave2", "--total-budget", "2000")
+    assert rc == 0 and [c["name"] for c in report["checks"]] == [c.name for c in gpu_check.WAVE2]
+    assert all(c["status"] == "pass" for c in report["checks"]), report["checks"]
+    assert {r["method"] for r in report["training"]} == {"fmn", "ac", "spm", "ace", "advunlearn", "speed", "gloce",
+                                                        "unlearndiffatk"}
+    assert all(set(r) == {"method", "run", "figure", "unit", "speedup", "diff", "diff_of"} and r["figure"] > 0
+               for r in report["training"])
+    safree = next(c for c in report["checks"] if c["name"] == "safree-overhead")["numbers"]
+    assert set(safree["img_per_s"]) == {"sd", "safree"}
+    assert "| method | run | figure | unit | speed-up | result diff | diff of |" in md.splitlines()

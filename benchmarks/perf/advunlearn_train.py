@@ -135,7 +135,7 @@ def official_loop(pipe, word: str, hp: advunlearn.Hparams, retain: list[str]) ->
     return losses, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="cpu")
@@ -146,7 +146,8 @@ def main() -> None:
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"])
     ap.add_argument("--sample-batch", type=int, default=128)
-    args = ap.parse_args()
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     pipe = load_pipeline(args.model, device=args.device).pipe
     retain = list(advunlearn.RETAIN_SETS["coco_object"])
@@ -170,9 +171,14 @@ def main() -> None:
     for name, r in rows.items():
         r["s_per_iteration"] = r["seconds"] / args.iterations
         r["speedup_vs_official"] = base / r["seconds"]
-    print(json.dumps({"model": args.model, "device": args.device, "iterations": args.iterations, "warmup": args.warmup,
-                      "attack_step": args.attack_step, "ddim_steps": args.ddim_steps, "runs": rows}, indent=1))
+    figures = {"model": args.model, "device": args.device, "iterations": args.iterations, "warmup": args.warmup,
+               "attack_step": args.attack_step, "ddim_steps": args.ddim_steps, "runs": rows}
+    print(json.dumps(figures, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -78,7 +78,7 @@ def evaluator(pipe, device, steps: int, batched: bool):
     return evaluate
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="tiny | random-sd14 | hub id | local dir")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +86,8 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=2, help="timestep blocks (the attack has 50)")
     ap.add_argument("--iterations", type=int, default=40, help="Adam steps per block (40 in the protocol)")
     ap.add_argument("--eval-steps", type=int, default=50)
-    args = ap.parse_args()
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
 
     from attacks import unlearndiffatk as U
     from cpebench.models import load_pipeline
@@ -116,6 +117,13 @@ def main() -> int:
     for name, sec in results.items():
         print(f"  {name:9s} {sec:8.1f} s   {60 * args.prompts / sec:8.2f} prompts/min")
     print(f"  batched / official speed: {results['official'] / results['batched']:.2f}x")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": [
+                {"run": name, "seconds": sec, "prompts_per_min": 60 * args.prompts / sec,
+                 "speedup": results["official"] / sec} for name, sec in results.items()]}, f, indent=2)
     return 0
 
 

@@ -38,7 +38,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="uce,rece", help="comma-separated method names (e.g. uce,rece,esd-x,esd-u,cpe)")
     ap.add_argument("--tasks", default="nudity,artist,celebrity", help="comma-separated task names")
@@ -52,7 +52,8 @@ def main() -> int:
     ap.add_argument("--data-dir", default=None, help="data files (default: $CPEBENCH_DATA, then the cache)")
     ap.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
                     help="hyperparameters for every method timed (e.g. MACE's lora_concepts_per_step=8)")
-    args = ap.parse_args()
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args(argv)
 
     from cpebench import config, runner
     from cpebench.errors import CpebenchError
@@ -136,6 +137,13 @@ def main() -> int:
     print(f"{'method':<8} {'task':<10} {'concepts':>8} {'seconds':>9} {'tensors':>8} {'MiB':>8}  detail")
     for name, task, n, s, nt, mb, detail in rows:
         print(f"{name:<8} {task:<10} {n:>8d} {s:>9.2f} {nt:>8d} {mb:>8.1f}  {detail}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": device_name, "rows": [
+                {"method": r[0], "task": r[1], "concepts": r[2], "seconds": r[3], "tensors": r[4], "mib": r[5],
+                 "detail": r[6]} for r in rows]}, f, indent=2)
     return 0
 
 

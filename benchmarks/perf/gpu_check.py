@@ -76,7 +76,22 @@ OPTIONAL = [   # not in the default plan (a full-UNet compile takes minutes); na
     Check("fp16-full", "compile full UNet, inductor (fp16)", 150),
     Check("bf16-regional", "compile regional, inductor (bf16)", 60),
 ]
-CHECKS = {c.name: c for c in PLAN + OPTIONAL}
+# The second-wave methods' cost goals (issue 16) and the attack's (issue 17): a second plan of its own,
+# `--checks wave2` (WAVE2 below), run after the default one when a device's time allows.
+WAVE2 = [
+    Check("train-fmn", "perf/fmn_train.py: official TI + re-steering loop vs cpebench (goal: one concept <= 1 min)", 60),
+    Check("train-ac", "perf/ac_train.py: official anchors + training vs cpebench (goal: one concept <= 5 min)", 60),
+    Check("train-spm", "perf/spm_train.py: official loop vs cpebench fp32/batched/autocast (goal: <= 5 min)", 60),
+    Check("train-ace", "perf/ace_train.py: plain per-concept loop vs cpebench (goal: seconds per concept)", 60),
+    Check("train-advunlearn", "perf/advunlearn_train.py: official loop vs cpebench (goal: >= 2x)", 60),
+    Check("erase-closed-form", "perf/erase.py: SPEED and GLoCE on the celebrity task's 50 concepts "
+                               "(goals: SPEED 100 concepts <= 10 s, GLoCE 50 <= 2 min)", 60),
+    Check("safree-overhead", "perf/generate.py --methods sd,safree: generation with SAFREE vs without "
+                             "(goal: <= 10 % overhead)", 40),
+    Check("attack", "perf/attack.py: UnlearnDiffAtk batched vs one prompt per process (goal: 142 prompts "
+                    "<= 30 min)", 60),
+]
+CHECKS = {c.name: c for c in PLAN + OPTIONAL + WAVE2}
 MODE_CHECKS = ("fp16-regional", "fp16-regional-cudagraphs", "fp16-full", "bf16-regional")   # names of MODES
 TOTAL_BUDGET_S = 480
 MARGIN = 2.0
@@ -469,6 +484,130 @@ def check_train_mace(ctx: Session) -> Outcome:
                    + ("" if a.data_dir or a.model == "tiny" else ", smoke preset lists"))
 
 
+def _training_rows(ctx: Session, method: str, figures: dict, figure: str, unit: str, speedup: str, diff: str,
+                   diff_of: str) -> None:
+    for r in figures["rows"]:
+        ctx.report["training"].append({"method": method, "run": r["run"], "figure": r.get(figure), "unit": unit,
+                                       "speedup": r.get(speedup), "diff": r.get(diff), "diff_of": diff_of})
+
+
+def check_train_fmn(ctx: Session) -> Outcome:
+    import fmn_train
+
+    a, small = ctx.args, ctx.args.model == "tiny"
+    figures = run_script(ctx, fmn_train, ["--model", a.model, "--device", a.device,
+                                          *(["--ti-steps", "3", "--steps", "3", "--n-images", "2", "--data-steps", "4"]
+                                            if small else ["--ti-steps", "20", "--steps", "10", "--n-images", "4",
+                                                           "--data-steps", "10"])])
+    _training_rows(ctx, "fmn", figures, "s_per_concept_official_schedule", "s/concept (500 TI + 35 steps)", "speedup",
+                   "result_diff", "weights vs the official loop, rel.")
+    return Outcome("pass", f"{figures['ti_steps']} TI + {figures['steps']} re-steering steps timed")
+
+
+def check_train_ac(ctx: Session) -> Outcome:
+    import ac_train
+
+    a, small = ctx.args, ctx.args.model == "tiny"
+    figures = run_script(ctx, ac_train, ["--model", a.model, "--device", a.device, "--no-same-anchors-check",
+                                         *(["--anchors", "4", "--anchor-steps", "2", "--steps", "2"] if small
+                                           else ["--anchors", "20", "--anchor-steps", "50", "--steps", "10"])])
+    _training_rows(ctx, "ac", figures, "paper_concept_seconds_est", "s/concept (1000 anchors + 100 steps, est.)",
+                   "speedup", "result_diff", "K/V vs the official loop, rel.")
+    return Outcome("pass", f"{figures['anchors']} anchors x {figures['anchor_steps']} steps, {figures['steps']} steps")
+
+
+def check_train_spm(ctx: Session) -> Outcome:
+    import spm_train
+
+    a, small = ctx.args, ctx.args.model == "tiny"
+    figures = run_script(ctx, spm_train, ["--model", a.model, "--device", a.device,
+                                          *(["--iterations", "2", "--runs", "reference,fp32"] if small else
+                                            ["--iterations", "4", "--runs", "reference,fp32,batched,batched+autocast",
+                                             "--autocast", "bf16"])])
+    _training_rows(ctx, "spm", figures, "s_per_concept_3000", "s/concept (3000 iterations)", "speedup", "dw_rel_diff",
+                   "ΔW vs the official loop, rel.")
+    return Outcome("pass", f"{figures['iterations']} iterations per run")
+
+
+def check_train_ace(ctx: Session) -> Outcome:
+    import ace_train
+
+    a, small = ctx.args, ctx.args.model == "tiny"
+    figures = run_script(ctx, ace_train, ["--model", a.model, "--device", a.device,
+                                          *(["--steps", "3"] if small else
+                                            ["--preset", "smoke", "--resolution", "512", "--images", "2",
+                                             "--data-steps", "10", "--stats-timesteps", "4", "--steps", "20"])])
+    _training_rows(ctx, "ace", figures, "s_per_concept", "s/concept", "speedup", "gate_rel_diff",
+                   "gates vs the plain loop, rel.")
+    return Outcome("pass", f"{len(figures['rows'])} runs")
+
+
+def check_train_advunlearn(ctx: Session) -> Outcome:
+    import advunlearn_train
+
+    a, small = ctx.args, ctx.args.model == "tiny"
+    figures = run_script(ctx, advunlearn_train, ["--model", a.model, "--device", a.device,
+                                                 *(["--iterations", "2", "--warmup", "1", "--attack-step", "2",
+                                                    "--ddim-steps", "4"] if small else
+                                                   ["--iterations", "4", "--warmup", "1", "--attack-step", "30",
+                                                    "--autocast", "bf16"])])
+    for run, r in figures["runs"].items():
+        ctx.report["training"].append({"method": "advunlearn", "run": run, "figure": r["s_per_iteration"],
+                                       "unit": "s/iteration", "speedup": r["speedup_vs_official"], "diff": None,
+                                       "diff_of": "unseeded official draws: time only"})
+    return Outcome("pass", f"{figures['iterations']} iterations, attack {figures['attack_step']} steps")
+
+
+def check_erase_closed_form(ctx: Session) -> Outcome:
+    import erase
+
+    a = ctx.args
+    # without data files: the celebrity task's 50 inline names and the smoke preset's inline retain/anchor lists;
+    # with --data-dir also the artist task's 100 artists (SPEED's goal) and the real lists
+    argv = ["--model", a.model, "--device", a.device, "--methods", "speed,gloce",
+            "--tasks", "celebrity,artist" if a.data_dir else "celebrity"]
+    argv += ["--data-dir", a.data_dir] if a.data_dir else ["--preset", "smoke"]
+    if a.model == "tiny":
+        argv += ["--max-concepts", "4"]
+    figures = run_script(ctx, erase, argv)
+    for r in figures["rows"]:
+        ctx.report["training"].append({"method": r["method"], "run": f"cpebench, {r['task']}", "figure": r["seconds"],
+                                       "unit": f"s to erase {r['concepts']} concepts", "speedup": None, "diff": None,
+                                       "diff_of": "" if a.data_dir else "smoke retain/anchor lists"})
+    return Outcome("pass", ", ".join(f"{r['method']} {r['seconds']:.2f} s" for r in figures["rows"]))
+
+
+def check_safree_overhead(ctx: Session) -> Outcome:
+    import generate
+
+    a, s = ctx.args, ctx.main
+    figures = run_script(ctx, generate, [
+        "--model", s.model, "--device", s.device, "--steps", str(a.gen_steps), "--resolution", str(s.resolution),
+        "--images", str(a.gen_images), "--official-images", "0", "--diffusers-batches", "--modes", "fp16" if ctx.cuda else "fp32",
+        "--batch-size", str(s.batch_size), "--methods", "sd,safree", "--compile-backend", a.compile_backend])
+    rates = {r["method"]: r["rate"] for r in figures["methods"]}
+    overhead = rates["sd"] / rates["safree"] - 1
+    return Outcome("pass", f"SAFREE generation overhead {overhead:+.1%} (goal <= 10 %)",
+                   {"img_per_s": rates, "overhead": overhead})
+
+
+def check_attack(ctx: Session) -> Outcome:
+    import attack
+
+    a, small = ctx.args, ctx.args.model == "tiny"
+    figures = run_script(ctx, attack, ["--model", a.model, "--device", a.device,
+                                       *(["--prompts", "2", "--blocks", "1", "--iterations", "2", "--eval-steps", "4"]
+                                         if small else ["--prompts", "8", "--blocks", "2"])])
+    for r in figures["rows"]:
+        ctx.report["training"].append({"method": "unlearndiffatk", "run": r["run"], "figure": r["prompts_per_min"],
+                                       "unit": "prompts/min (of the blocks run)", "speedup": r["speedup"], "diff": None,
+                                       "diff_of": ""})
+    rate = next(r["prompts_per_min"] for r in figures["rows"] if r["run"] == "batched")
+    blocks = figures["args"]["blocks"]
+    return Outcome("pass", f"batched: 142 prompts x 50 blocks ≈ {142 / rate * 50 / blocks:.0f} min at this rate, "
+                           f"{figures['args']['iterations']} steps per block (no early stop; goal <= 30 min)")
+
+
 def check_scoring(ctx: Session) -> Outcome:
     import score
 
@@ -485,6 +624,9 @@ RUNNERS = {
     "shard": check_shard, "generation": check_generation, "train-cpe": check_train_cpe,
     "train-esd": check_train_esd, "train-mace": check_train_mace, "scoring": check_scoring,
     **{m: (lambda ctx, m=m: check_mode(ctx, m)) for m in MODE_CHECKS},
+    "train-fmn": check_train_fmn, "train-ac": check_train_ac, "train-spm": check_train_spm,
+    "train-ace": check_train_ace, "train-advunlearn": check_train_advunlearn,
+    "erase-closed-form": check_erase_closed_form, "safree-overhead": check_safree_overhead, "attack": check_attack,
 }
 
 
@@ -557,7 +699,8 @@ def markdown(report: dict) -> str:
         [r["mode"], r["batch"], fmt(r["rate"], ".3f"), fmt(r["ratio"], ".2f") + "×", fmt(r["mfu"], ".1%"),
          fmt(r["warmup_s"], ".1f")] for r in report["generation"]])
     lines += ["", "## Training", ""] + table(COLUMNS["training"], [
-        [r["method"], r["run"], fmt(r["figure"], ".4g"), r["unit"], fmt(r["speedup"], ".2f") + "×", fmt(r["diff"], ".2e"),
+        [r["method"], r["run"], fmt(r["figure"], ".4g"), r["unit"],
+         fmt(r["speedup"], ".2f") + "×" if r["speedup"] is not None else "–", fmt(r["diff"], ".2e"),
          r["diff_of"]] for r in report["training"]])
     lines += ["", "## Scoring", ""] + table(COLUMNS["scoring"], [
         [r["metric"], fmt(r["rate"], ".2f"), fmt(r["ratio"], ".2f")] for r in report["scoring"]])
@@ -579,7 +722,8 @@ def parse(argv):
     ap.add_argument("--device", default=None, help="cuda (default when present) | cpu: the checks with a CPU path")
     ap.add_argument("--model", default="random-sd14", help="random-sd14 (SD-1.4 shapes) | tiny (small sizes)")
     ap.add_argument("--checks", default=",".join(c.name for c in PLAN),
-                    help=f"comma-separated, in this order; also: {', '.join(c.name for c in OPTIONAL)}")
+                    help=f"comma-separated, in this order; also: {', '.join(c.name for c in OPTIONAL)}; 'wave2': "
+                         f"{', '.join(c.name for c in WAVE2)}")
     ap.add_argument("--total-budget", type=float, default=TOTAL_BUDGET_S, help="seconds for the whole plan")
     ap.add_argument("--margin", type=float, default=MARGIN, help="bound = margin x the measured noise")
     ap.add_argument("--compile-backend", default=None, help="default: inductor on CUDA, eager on a CPU")
@@ -596,7 +740,8 @@ def parse(argv):
     for k, v in SIZES["tiny" if args.model == "tiny" else "full"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.checks = [c for c in args.checks.split(",") if c]
+    args.checks = [c for name in args.checks.split(",") if name
+                   for c in ([w.name for w in WAVE2] if name == "wave2" else [name])]
     unknown = [c for c in args.checks if c not in CHECKS]
     if unknown:
         ap.error(f"--checks: unknown {unknown}; choose from {', '.join(CHECKS)}")
