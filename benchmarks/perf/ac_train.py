@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from perf_args import chosen_runs
 
 from baselines import ac
 from cpebench.config import load_method_config
@@ -310,9 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if any(r not in ("official", "cpebench") for r in runs):
-        raise SystemExit("--runs: choose from official,cpebench")
+    runs = chosen_runs(ap, args.runs, ("official", "cpebench"))
     cuda = torch.device(args.device).type == "cuda"
     kind = args.autocast or ("fp16" if cuda else "none")
     pipe = load_pipeline(args.model, device=args.device).pipe

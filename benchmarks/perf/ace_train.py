@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from perf_args import apply_threads, chosen_runs
 
 from baselines import ace as A
 
@@ -372,12 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = sorted(set(runs) - set(RUNS))
-    if unknown:
-        ap.error(f"unknown run(s) {', '.join(unknown)}")
+    apply_threads(args)
+    runs = chosen_runs(ap, args.runs, RUNS)
 
     from cpebench import config, runner
     from cpebench.models import load_pipeline

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from perf_args import chosen_runs
 
 from baselines import fmn
 from cpebench.methods import Concept, EraseContext
@@ -362,9 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if any(r not in RUNS for r in runs):
-        raise SystemExit(f"--runs: choose from {', '.join(RUNS)}")
+    runs = chosen_runs(ap, args.runs, RUNS)
     if not 1 <= args.concepts <= len(CONCEPTS):
         raise SystemExit(f"--concepts: 1..{len(CONCEPTS)}")
     names = list(CONCEPTS[: args.concepts])

@@ -484,62 +484,55 @@ def check_train_mace(ctx: Session) -> Outcome:
                    + ("" if a.data_dir or a.model == "tiny" else ", smoke preset lists"))
 
 
-def _training_rows(ctx: Session, method: str, figures: dict, figure: str, unit: str, speedup: str, diff: str,
-                   diff_of: str) -> None:
+@dataclass(frozen=True)
+class TrainingScript:
+    """A perf/*_train.py script a check runs: its arguments by model, and which of its row fields fill the
+    Training table."""
+
+    module: str
+    method: str
+    tiny: tuple
+    full: tuple
+    figure: str
+    unit: str
+    diff: str
+    diff_of: str
+
+
+TRAINING_SCRIPTS = {
+    "train-fmn": TrainingScript(
+        "fmn_train", "fmn", ("--ti-steps", "3", "--steps", "3", "--n-images", "2", "--data-steps", "4"),
+        ("--ti-steps", "20", "--steps", "10", "--n-images", "4", "--data-steps", "10"),
+        "s_per_concept_official_schedule", "s/concept (500 TI + 35 steps)", "result_diff",
+        "weights vs the official loop, rel."),
+    "train-ac": TrainingScript(
+        "ac_train", "ac", ("--anchors", "4", "--anchor-steps", "2", "--steps", "2", "--no-same-anchors-check"),
+        ("--anchors", "20", "--anchor-steps", "50", "--steps", "10", "--no-same-anchors-check"),
+        "paper_concept_seconds_est", "s/concept (1000 anchors + 100 steps, est.)", "result_diff",
+        "K/V vs the official loop, rel."),
+    "train-spm": TrainingScript(
+        "spm_train", "spm", ("--iterations", "2", "--runs", "reference,fp32"),
+        ("--iterations", "4", "--runs", "reference,fp32,batched,batched+autocast", "--autocast", "bf16"),
+        "s_per_concept_3000", "s/concept (3000 iterations)", "dw_rel_diff", "ΔW vs the official loop, rel."),
+    "train-ace": TrainingScript(
+        "ace_train", "ace", ("--steps", "3"),
+        ("--preset", "smoke", "--resolution", "512", "--images", "2", "--data-steps", "10", "--stats-timesteps", "4",
+         "--steps", "20"),
+        "s_per_concept", "s/concept", "gate_rel_diff", "gates vs the plain loop, rel."),
+}
+
+
+def check_training_script(ctx: Session, name: str) -> Outcome:
+    import importlib
+
+    spec, a = TRAINING_SCRIPTS[name], ctx.args
+    figures = run_script(ctx, importlib.import_module(spec.module),
+                         ["--model", a.model, "--device", a.device, *(spec.tiny if a.model == "tiny" else spec.full)])
     for r in figures["rows"]:
-        ctx.report["training"].append({"method": method, "run": r["run"], "figure": r.get(figure), "unit": unit,
-                                       "speedup": r.get(speedup), "diff": r.get(diff), "diff_of": diff_of})
-
-
-def check_train_fmn(ctx: Session) -> Outcome:
-    import fmn_train
-
-    a, small = ctx.args, ctx.args.model == "tiny"
-    figures = run_script(ctx, fmn_train, ["--model", a.model, "--device", a.device,
-                                          *(["--ti-steps", "3", "--steps", "3", "--n-images", "2", "--data-steps", "4"]
-                                            if small else ["--ti-steps", "20", "--steps", "10", "--n-images", "4",
-                                                           "--data-steps", "10"])])
-    _training_rows(ctx, "fmn", figures, "s_per_concept_official_schedule", "s/concept (500 TI + 35 steps)", "speedup",
-                   "result_diff", "weights vs the official loop, rel.")
-    return Outcome("pass", f"{figures['ti_steps']} TI + {figures['steps']} re-steering steps timed")
-
-
-def check_train_ac(ctx: Session) -> Outcome:
-    import ac_train
-
-    a, small = ctx.args, ctx.args.model == "tiny"
-    figures = run_script(ctx, ac_train, ["--model", a.model, "--device", a.device, "--no-same-anchors-check",
-                                         *(["--anchors", "4", "--anchor-steps", "2", "--steps", "2"] if small
-                                           else ["--anchors", "20", "--anchor-steps", "50", "--steps", "10"])])
-    _training_rows(ctx, "ac", figures, "paper_concept_seconds_est", "s/concept (1000 anchors + 100 steps, est.)",
-                   "speedup", "result_diff", "K/V vs the official loop, rel.")
-    return Outcome("pass", f"{figures['anchors']} anchors x {figures['anchor_steps']} steps, {figures['steps']} steps")
-
-
-def check_train_spm(ctx: Session) -> Outcome:
-    import spm_train
-
-    a, small = ctx.args, ctx.args.model == "tiny"
-    figures = run_script(ctx, spm_train, ["--model", a.model, "--device", a.device,
-                                          *(["--iterations", "2", "--runs", "reference,fp32"] if small else
-                                            ["--iterations", "4", "--runs", "reference,fp32,batched,batched+autocast",
-                                             "--autocast", "bf16"])])
-    _training_rows(ctx, "spm", figures, "s_per_concept_3000", "s/concept (3000 iterations)", "speedup", "dw_rel_diff",
-                   "ΔW vs the official loop, rel.")
-    return Outcome("pass", f"{figures['iterations']} iterations per run")
-
-
-def check_train_ace(ctx: Session) -> Outcome:
-    import ace_train
-
-    a, small = ctx.args, ctx.args.model == "tiny"
-    figures = run_script(ctx, ace_train, ["--model", a.model, "--device", a.device,
-                                          *(["--steps", "3"] if small else
-                                            ["--preset", "smoke", "--resolution", "512", "--images", "2",
-                                             "--data-steps", "10", "--stats-timesteps", "4", "--steps", "20"])])
-    _training_rows(ctx, "ace", figures, "s_per_concept", "s/concept", "speedup", "gate_rel_diff",
-                   "gates vs the plain loop, rel.")
-    return Outcome("pass", f"{len(figures['rows'])} runs")
+        ctx.report["training"].append({"method": spec.method, "run": r["run"], "figure": r.get(spec.figure),
+                                       "unit": spec.unit, "speedup": r.get("speedup"), "diff": r.get(spec.diff),
+                                       "diff_of": spec.diff_of})
+    return Outcome("pass", f"runs {', '.join(r['run'] for r in figures['rows'])}")
 
 
 def check_train_advunlearn(ctx: Session) -> Outcome:
@@ -624,8 +617,8 @@ RUNNERS = {
     "shard": check_shard, "generation": check_generation, "train-cpe": check_train_cpe,
     "train-esd": check_train_esd, "train-mace": check_train_mace, "scoring": check_scoring,
     **{m: (lambda ctx, m=m: check_mode(ctx, m)) for m in MODE_CHECKS},
-    "train-fmn": check_train_fmn, "train-ac": check_train_ac, "train-spm": check_train_spm,
-    "train-ace": check_train_ace, "train-advunlearn": check_train_advunlearn,
+    **{n: (lambda ctx, n=n: check_training_script(ctx, n)) for n in TRAINING_SCRIPTS},
+    "train-advunlearn": check_train_advunlearn,
     "erase-closed-form": check_erase_closed_form, "safree-overhead": check_safree_overhead, "attack": check_attack,
 }
 

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from perf_args import apply_threads, chosen_runs
 
 RUNS = ("reference", "fp32", "batched", "autocast", "batched+autocast", "seed")
 
@@ -249,12 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="timed calls per run, interleaved; the fastest is reported")
     ap.add_argument("--json", help="write the table's figures here")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = sorted(set(runs) - set(RUNS))
-    if unknown:
-        ap.error(f"unknown run(s) {', '.join(unknown)}")
+    apply_threads(args)
+    runs = chosen_runs(ap, args.runs, RUNS)
 
     from baselines import mace as M
     from cpebench import config, runner

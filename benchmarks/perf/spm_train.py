@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from perf_args import apply_threads, chosen_runs
 
 from baselines import spm
 from cpebench.methods import EraseContext
@@ -293,13 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    runs = [r.strip() for r in (args.runs or "").split(",") if r.strip()] or \
-        ["reference", "fp32", "batched"] + (["autocast", "batched+autocast"] if args.autocast != "none" else [])
-    unknown = sorted(set(runs) - set(RUNS))
-    if unknown:
-        ap.error(f"unknown run(s) {', '.join(unknown)}")
+    apply_threads(args)
+    runs = chosen_runs(ap, args.runs, RUNS, ["reference", "fp32", "batched"]
+                       + (["autocast", "batched+autocast"] if args.autocast != "none" else []))
     if any("autocast" in r for r in runs) and args.autocast == "none":
         ap.error("the autocast runs need --autocast bf16|fp16")
     names = [c.strip() for c in args.concepts.split(",") if c.strip()]
