@@ -53,10 +53,10 @@ import torch.nn.functional as F
 
 from cpebench.attention import KVEdit, kv_edit, swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
-from cpebench.methods import Artifact, Concept, EraseContext, Method, checksums_agree, weight_checksum
+from cpebench.methods import Artifact, Concept, EraseContext, Method, checksums_agree, read_torch, weight_checksum
 from cpebench.methods.closed_form import weight_edit, weight_metadata
-from cpebench.methods.common import (PROJECTIONS, check_non_negative, encode_texts, erase_inputs,
-                                     load_state, parse_hparams, restore_training, save_state, text_list,
+from cpebench.methods.common import (PROJECTIONS, check_at_least_one, check_choices, check_non_negative, encode_texts,
+                                     erase_inputs, load_state, parse_hparams, restore_training, save_state, text_list,
                                      training_tensors)
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,9 @@ class Hparams:
                    "anchor_autocast": ("none", "fp16", "bf16"), "image_pipeline": ("compvis", "diffusers"),
                    "loss": ("model-based", "noise-based"), "target_model": ("live", "frozen"),
                    "regularization": ("none", "compvis", "diffusers"), "parameter_group": GROUPS}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{method}: hparams.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        for key in ("n_anchor_images", "anchor_steps", "max_steps", "batch_size", "anchor_batch_size", "save_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{method}: hparams.{key} must be >= 1, got {getattr(self, key)}")
+        check_choices(method, self, choices)
+        check_at_least_one(method, self, ("n_anchor_images", "anchor_steps", "max_steps", "batch_size",
+                                          "anchor_batch_size", "save_every"))
         if self.regularization == "compvis" and self.batch_size % 2:
             raise ConfigError(f"{method}: regularization compvis splits the batch in halves; hparams.batch_size must be "
                               f"even, got {self.batch_size}")
@@ -731,13 +728,6 @@ def diffusers_name(key: str) -> str | None:
     if not 3 <= i <= 11:
         return None
     return f"up_blocks.{i // 3}.attentions.{i % 3}.{rest}"
-
-
-def read_torch(path: Path) -> Any:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle / format errors of many kinds
-        raise DataError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def official_tensors(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:

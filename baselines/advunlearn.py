@@ -69,9 +69,9 @@ import torch.nn.functional as F
 
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
-from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, read_safetensors,
+from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, read_state_dict,
                               weight_checksum)
-from cpebench.methods.common import (erase_inputs, load_state, parse_hparams, restore_training,
+from cpebench.methods.common import (check_at_least_one, check_choices, erase_inputs, load_state, parse_hparams, restore_training,
                                      save_state, text_list, training_tensors)
 
 log = logging.getLogger(__name__)
@@ -169,16 +169,10 @@ class Hparams:
         if self.train_method not in LAYER_MODES:
             raise ConfigError(f"{method}: hparams.train_method must be one of {', '.join(LAYER_MODES)} (the text-encoder "
                               f"modes of the official code; its UNet modes are ESD), got {self.train_method!r}")
-        for key, choices in CHOICES.items():
-            if getattr(self, key) not in choices:
-                hint = (" ('iter', a separate retain step after each update, is the argparse default but not the "
-                        "README's; it is not implemented)" if key == "retain_train" else "")
-                raise ConfigError(f"{method}: hparams.{key} must be one of {', '.join(choices)}, "
-                                  f"got {getattr(self, key)!r}{hint}")
-        for key in ("iterations", "retain_batch", "adv_prompt_update_step", "adv_prompt_num", "attack_step",
-                    "sample_batch", "save_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{method}: hparams.{key} must be >= 1, got {getattr(self, key)}")
+        check_choices(method, self, CHOICES, {"retain_train": " ('iter', a separate retain step after each update, is the "
+                                              "argparse default but not the README's; it is not implemented)"})
+        check_at_least_one(method, self, ("iterations", "retain_batch", "adv_prompt_update_step", "adv_prompt_num",
+                                          "attack_step", "sample_batch", "save_every"))
         for key in ("lr", "attack_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{method}: hparams.{key} must be > 0, got {getattr(self, key)}")
@@ -776,15 +770,7 @@ def _read_training_output(path: Path) -> dict[str, torch.Tensor]:
     """``TextEncoder-<train_method>-epoch_<i>.pt``: the CustomTextEncoder state dict, keys
     ``text_encoder.text_model.*`` plus the aliases ``embedding.*``, ``encoder.*``, ``final_layer_norm.*`` (the
     same tensors again); the official generation script keeps the first kind with ``text_encoder.`` stripped."""
-    if path.suffix == ".safetensors":
-        sd = read_safetensors(path)[0]
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - pickle / format errors of many kinds
-            raise DataError(f"{path}: cannot read as a torch state dict ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(sd, Mapping) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise DataError(f"{path}: not a state dict of tensors")
+    sd = read_state_dict(path)
     kept = {k.removeprefix("text_encoder."): v for k, v in sd.items() if k.startswith("text_encoder.text_model.")}
     if not kept:
         raise DataError(f"{path}: no 'text_encoder.text_model.*' tensors; not an AdvUnlearn text-encoder checkpoint")

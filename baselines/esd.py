@@ -67,8 +67,8 @@ import torch.nn.functional as F
 from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
-                              read_safetensors, weight_checksum)
-from cpebench.methods.common import (TrainableCopy, erase_inputs, load_state, restore_training, save_state,
+                              read_safetensors, read_torch, weight_checksum)
+from cpebench.methods.common import (TrainableCopy, check_at_least_one, check_choices, erase_inputs, load_state, restore_training, save_state,
                                      training_tensors)
 
 log = logging.getLogger(__name__)
@@ -184,12 +184,8 @@ class Hparams:
                      "neither ESD-x nor ESD-u)" if hp.train_method in TRAIN_METHODS else ""))
             raise ConfigError(f"{method}: unknown parameter subset train_method={hp.train_method!r}; "
                               f"{method} trains one of {', '.join(allowed)}{hint}")
-        for key, choices in (("xt_schedule", ("paper", "aligned")), ("autocast", ("none", "bf16", "fp16"))):
-            if getattr(hp, key) not in choices:
-                raise ConfigError(f"{method}: hparams.{key} must be one of {', '.join(choices)}, got {getattr(hp, key)!r}")
-        for key in ("iterations", "save_every"):
-            if getattr(hp, key) < 1:
-                raise ConfigError(f"{method}: hparams.{key} must be >= 1")
+        check_choices(method, hp, {"xt_schedule": ("paper", "aligned"), "autocast": ("none", "bf16", "fp16")})
+        check_at_least_one(method, hp, ("iterations", "save_every"))
         if not 2 <= hp.ddim_steps <= 1000:
             raise ConfigError(f"{method}: hparams.ddim_steps must be in 2..1000, got {hp.ddim_steps}")
         if not hp.lr > 0:
@@ -463,10 +459,7 @@ def train(pipe, concepts: Sequence[str], hp: Hparams, ctx: EraseContext, method:
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
         return read_safetensors(path)[0]
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle / format errors of many kinds
-        raise DataError(f"{path}: cannot read as a torch state dict ({type(e).__name__}: {str(e)[:200]})") from None
+    obj = read_torch(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]            # a CompVis / Lightning checkpoint
     if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):

@@ -50,11 +50,11 @@ import torch.nn.functional as F
 
 from cpebench.attention import probed
 from cpebench.errors import ConfigError, CpebenchError, DataError
-from cpebench.methods import Artifact, Concept, EraseContext, Method, read_safetensors
+from cpebench.methods import Artifact, Concept, EraseContext, Method, read_state_dict
 from cpebench.methods.closed_form import weight_edit
-from cpebench.methods.common import (TOKENS, TrainableCopy, base_kv_checksums, base_kv_sha256, check_non_negative,
-                                     erase_inputs, load_state, parse_hparams, restore_training, save_state,
-                                     training_tensors)
+from cpebench.methods.common import (TOKENS, TrainableCopy, base_kv_checksums, base_kv_sha256, check_at_least_one,
+                                     check_choices, check_non_negative, erase_inputs, load_state, parse_hparams,
+                                     restore_training, save_state, training_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,10 @@ class Hparams:
     def check(self, method: str) -> None:
         check_non_negative(method, **{k: getattr(self, k) for k in (
             "ti_lr", "ti_weight_decay", "ti_norm_target", "lr", "weight_decay", "max_grad_norm", "data_guidance")})
-        for key, choices in (("concept_type", tuple(TEMPLATES)), ("params", PARAMS), ("clip_grad", CLIP_GRAD),
-                             ("pooler_positions", POOLER)):
-            if getattr(self, key) not in choices:
-                raise ConfigError(f"{method}: hparams.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
-        for key in ("ti_tokens", "ti_concepts_per_step", "batch_size", "n_images", "resolution", "data_steps",
-                    "data_batch_size", "save_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{method}: hparams.{key} must be >= 1, got {getattr(self, key)}")
+        check_choices(method, self, {"concept_type": tuple(TEMPLATES), "params": PARAMS, "clip_grad": CLIP_GRAD,
+                                     "pooler_positions": POOLER})
+        check_at_least_one(method, self, ("ti_tokens", "ti_concepts_per_step", "batch_size", "n_images", "resolution",
+                                          "data_steps", "data_batch_size", "save_every"))
         for key in ("ti_steps", "steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{method}: hparams.{key} must be >= 0, got {getattr(self, key)}")
@@ -668,15 +664,7 @@ def load_official(path: Path) -> Artifact:
         raise DataError(f"{path}: neither a cpebench artifact nor an FMN output folder (no unet/"
                         "diffusion_pytorch_model.safetensors or .bin)")
     f = files[0]
-    if f.suffix == ".safetensors":
-        sd = read_safetensors(f)[0]
-    else:
-        try:
-            sd = torch.load(str(f), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - pickle / format errors of many kinds
-            raise DataError(f"{f}: cannot read as a torch state dict ({type(e).__name__})") from None
-    if not isinstance(sd, Mapping) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise DataError(f"{f}: not a state dict of tensors")
+    sd = read_state_dict(f)
     return Artifact(method="fmn", tensors={k: v.float().contiguous() for k, v in sd.items()},
                     metadata={"concepts": [], "source": "official output folder", "official_file": str(f)})
 

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from cpebench.attention import ContextBatch, ContextEdit, context_edit
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, read_safetensors
-from cpebench.methods.common import (base_kv_checksums, base_kv_sha256, check_base_kv, check_non_negative,
+from cpebench.methods.common import (base_kv_checksums, base_kv_sha256, check_at_least_one, check_base_kv,
+                                     check_choices, check_non_negative,
                                      encode_texts, erase_inputs, parse_hparams, text_list)
 
 log = logging.getLogger(__name__)
@@ -115,13 +116,9 @@ class Hparams:
         return parse_hparams(cls, d, "gloce")
 
     def check(self, method: str) -> None:
-        for key, options in CHOICES.items():
-            if getattr(self, key) not in options:
-                raise ConfigError(f"{method}: hparams.{key} must be one of {', '.join(options)}, got {getattr(self, key)!r}")
-        for key in ("n_anchors", "n_tokens", "update_rank", "degen_rank", "gate_rank", "n_seeds", "stats_steps",
-                    "pool_levels", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{method}: hparams.{key} must be >= 1, got {getattr(self, key)}")
+        check_choices(method, self, CHOICES)
+        check_at_least_one(method, self, ("n_anchors", "n_tokens", "update_rank", "degen_rank", "gate_rank",
+                                          "n_seeds", "stats_steps", "pool_levels", "batch_size"))
         check_non_negative(method, st_step=self.st_step, eta=self.eta, stats_guidance=self.stats_guidance)
         if self.thresh <= 0:
             raise ConfigError(f"{method}: hparams.thresh must be > 0 (θ sets the gate's slope), got {self.thresh}")

@@ -67,7 +67,7 @@ from cpebench.methods.closed_form import (
     weight_edit,
     weight_metadata,
 )
-from cpebench.methods.common import (PROJECTIONS, check_non_negative, check_projections, encode_texts,
+from cpebench.methods.common import (PROJECTIONS, check_choices, check_non_negative, check_projections, encode_texts,
                                      erase_inputs, parse_hparams, preserve_list)
 
 
@@ -111,11 +111,7 @@ class Hparams:
         check_projections(self.projections, method)
         check_non_negative(method, lamb=self.lamb, erase_scale=self.erase_scale, preserve_scale=self.preserve_scale,
                           regular_scale=self.regular_scale, epochs=self.epochs)
-        if self.emb_computing not in EMB_COMPUTING:
-            raise ConfigError(f"{method}: hparams.emb_computing must be one of {', '.join(EMB_COMPUTING)}, "
-                              f"got {self.emb_computing!r}")
-        if self.reg_item not in REG_ITEMS:
-            raise ConfigError(f"{method}: hparams.reg_item must be one of {', '.join(REG_ITEMS)}, got {self.reg_item!r}")
+        check_choices(method, self, {"emb_computing": EMB_COMPUTING, "reg_item": REG_ITEMS})
         if self.emb_computing == "close_standardreg" and not isinstance(self.old_target_concept, str):
             raise ConfigError(f"{method}: emb_computing close_standardreg needs hparams.old_target_concept (e.g. ' ')")
         empty = _parse_preserve_empty(self.preserve_empty)

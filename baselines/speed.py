@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from cpebench.errors import ConfigError, DataError
-from cpebench.methods import Artifact, Concept, EraseContext, Method
+from cpebench.methods import Artifact, Concept, EraseContext, Method, read_torch
 from cpebench.methods.closed_form import (
     last_token_index,
     read_weights,
@@ -361,10 +361,7 @@ def load_release(path: str | Path, method: str = "speed") -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such SPEED checkpoint (.pt) or cpebench artifact folder")
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip and format errors alike: the file is not a SPEED checkpoint
-        raise DataError(f"{path}: not a readable torch.save checkpoint ({type(e).__name__}: {e})") from None
+    sd = read_torch(path)
     if not isinstance(sd, Mapping) or not sd:
         raise DataError(f"{path}: expected a dict of attn2 weight tensors (SPEED's torch.save layout)")
     keys = sorted(sd)

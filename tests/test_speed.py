@@ -360,7 +360,7 @@ def test_bad_released_checkpoints_are_named(pipe, tmp_path):
         with pytest.raises(DataError, match=needle):
             SPEED().load_artifact(tmp_path / name)
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="not a readable"):
+    with pytest.raises(DataError, match="not a readable torch checkpoint"):
         SPEED().load_artifact(tmp_path / "garbage.pt")
     with pytest.raises(DataError, match="no such SPEED checkpoint"):
         SPEED().load_artifact(tmp_path / "absent.pt")

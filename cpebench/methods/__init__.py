@@ -55,6 +55,28 @@ def read_safetensors(path: str | Path) -> tuple[dict, dict]:
         raise DataError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt") from None
 
 
+def read_torch(path: str | Path) -> Any:
+    """A ``torch.save`` file, loaded without running pickled code (``weights_only``); an unreadable one is an
+    error naming it."""
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and format errors alike: the file is not a checkpoint
+        raise DataError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A weights file's tensors: safetensors, or a ``torch.save`` dict of tensors (released checkpoints)."""
+    import torch
+
+    path = Path(path)
+    obj = read_safetensors(path)[0] if path.suffix == ".safetensors" else read_torch(path)
+    if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise DataError(f"{path}: not a state dict of tensors")
+    return dict(obj)
+
+
 @dataclass(frozen=True)
 class Concept:
     """A concept to erase, exactly as the string the method is given."""

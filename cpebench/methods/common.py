@@ -50,6 +50,23 @@ def check_non_negative(method: str, **values) -> None:
             raise ConfigError(f"{method}: hparams.{key} must be >= 0, got {v}")
 
 
+def check_choices(method: str, hp, choices: Mapping[str, Sequence[str]], hints: Mapping[str, str] | None = None) -> None:
+    """Each named hyperparameter is one of its allowed values; the error names the first that is not (with the
+    hint for its key, if any)."""
+    for key, allowed in choices.items():
+        value = getattr(hp, key)
+        if value not in allowed:
+            raise ConfigError(f"{method}: hparams.{key} must be one of {', '.join(map(str, allowed))}, got {value!r}"
+                              + (hints or {}).get(key, ""))
+
+
+def check_at_least_one(method: str, hp, keys: Sequence[str]) -> None:
+    """Counts (steps, batch sizes, images) must be >= 1."""
+    for key in keys:
+        if getattr(hp, key) < 1:
+            raise ConfigError(f"{method}: hparams.{key} must be >= 1, got {getattr(hp, key)}")
+
+
 def check_projections(projections: Sequence[str], method: str) -> tuple[str, ...]:
     """A non-empty subset of PROJECTIONS, in PROJECTIONS' order."""
     unknown = [p for p in projections if p not in PROJECTIONS]
