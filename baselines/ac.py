@@ -46,7 +46,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,8 @@ from cpebench.attention import KVEdit, kv_edit, swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, checksums_agree, read_torch, weight_checksum
 from cpebench.methods.closed_form import weight_edit, weight_metadata
-from cpebench.methods.common import (PROJECTIONS, check_at_least_one, check_choices, check_non_negative, encode_texts,
-                                     erase_inputs, load_state, parse_hparams, restore_training, save_state, text_list,
+from cpebench.methods.common import (PROJECTIONS, CheckedHparams, check_at_least_one, check_choices, check_non_negative,
+                                     encode_texts, erase_inputs, load_state, restore_training, save_state, text_list,
                                      training_tensors)
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ NEAR_PREFIXES = ("zoomed in ", "close up ")
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/ac.yaml gives the per-task values and their sources."""
+
+    method_name: ClassVar[str] = "ac"
 
     # target prompts
     concept_type: str = "style"           # style | object | nudity: the template family
@@ -116,10 +118,6 @@ class Hparams:
     anchor_cache: bool = True
     gradient_checkpointing: bool = False
     save_every: int = 25
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "ac")
 
     def check(self, method: str) -> None:
         choices = {"concept_type": CONCEPT_TYPES, "templates": ("compvis", "diffusers"),

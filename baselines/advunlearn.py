@@ -62,7 +62,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +71,8 @@ from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, read_state_dict,
                               weight_checksum)
-from cpebench.methods.common import (check_at_least_one, check_choices, erase_inputs, load_state, parse_hparams, restore_training,
-                                     save_state, text_list, training_tensors)
+from cpebench.methods.common import (CheckedHparams, check_at_least_one, check_choices, erase_inputs, load_state,
+                                     restore_training, save_state, text_list, training_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,11 @@ CHOICES = {
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/advunlearn.yaml gives every value and its source (argparse of AdvUnlearn.py, the README
     command, GitHub issue 7)."""
+
+    method_name: ClassVar[str] = "advunlearn"
 
     train_method: str = "text_encoder_full"
     component: str = "all"               # all | ffn | attn
@@ -160,10 +162,6 @@ class Hparams:
     autocast: str = "none"               # none | bf16 | fp16: the bank (sampling, frozen targets) only
     sample_batch: int = 128              # operational: draws per batched sampling run
     save_every: int = 50                 # operational: resumable state every N iterations
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "advunlearn")
 
     def check(self, method: str) -> None:
         if self.train_method not in LAYER_MODES:

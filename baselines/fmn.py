@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,8 @@ from cpebench.attention import probed
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, read_state_dict
 from cpebench.methods.closed_form import weight_edit
-from cpebench.methods.common import (TOKENS, TrainableCopy, base_kv_checksums, base_kv_sha256, check_at_least_one,
-                                     check_choices, check_non_negative, erase_inputs, load_state, parse_hparams,
+from cpebench.methods.common import (TOKENS, CheckedHparams, TrainableCopy, base_kv_checksums, base_kv_sha256,
+                                     check_at_least_one, check_choices, check_non_negative, erase_inputs, load_state,
                                      restore_training, save_state, training_tensors)
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,10 @@ VAE_BATCH = 8                     # images per VAE encoder call (``posterior``)
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/fmn.yaml (per-task values and their sources are there)."""
+
+    method_name: ClassVar[str] = "fmn"
 
     concept_type: str = "object"          # object: "a photo of {}" | style: "a photo in the style of {}"
     # stage A: textual inversion (configs/ti.yaml)
@@ -111,10 +113,6 @@ class Hparams:
     # operational
     gradient_checkpointing: bool = False
     save_every: int = 100
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "fmn")
 
     def check(self, method: str) -> None:
         check_non_negative(method, **{k: getattr(self, k) for k in (
@@ -352,6 +350,23 @@ def initial_rows(tokenizer, table: torch.Tensor, name: str, hp: Hparams, gen: to
     return torch.stack(rows)
 
 
+class Resumable:
+    """A stage's resumable state: its own tensors plus the step reached and the losses so far."""
+
+    step_done: int
+    losses: list
+
+    def save_with_progress(self, path: Path, key: str, tensors: dict, **meta) -> None:
+        save_state(path, key, tensors, {"step": str(self.step_done), "losses": json.dumps(self.losses),
+                                        **{k: json.dumps(v) for k, v in meta.items()}})
+
+    def load_with_progress(self, path: Path | None, key: str) -> tuple[dict, dict] | None:
+        saved = load_state(path, key, "fmn")
+        if saved is not None:
+            self.step_done, self.losses = int(saved[1]["step"]), json.loads(saved[1]["losses"])
+        return saved
+
+
 @dataclass
 class InversionJob:
     index: int           # the concept's index (names its state)
@@ -359,7 +374,7 @@ class InversionJob:
     images: torch.Tensor
 
 
-class Inversion:
+class Inversion(Resumable):
     """Stage A for a group of concepts in one batched forward: sample j = concept j with its own rows; the
     loss is Σ_j mean-MSE_j, so each concept's rows get exactly their own gradient."""
 
@@ -422,11 +437,10 @@ class Inversion:
             tensors.update(optimizer_tensors(self.opt, r, f"adam.{j}"))
             tensors[f"rng.{j}"], order = d.state()
             orders.append(order)
-        save_state(path, key, tensors, {"step": str(self.step_done), "orders": json.dumps(orders),
-                                        "losses": json.dumps(self.losses)})
+        self.save_with_progress(path, key, tensors, orders=orders)
 
     def load(self, path: Path | None, key: str) -> bool:
-        saved = load_state(path, key, "fmn")
+        saved = self.load_with_progress(path, key)
         if saved is None:
             return False
         tensors, meta = saved
@@ -436,7 +450,6 @@ class Inversion:
                 r.copy_(tensors[f"rows.{j}"])
             restore_optimizer(self.opt, r, tensors, f"adam.{j}")
             d.restore(tensors[f"rng.{j}"], orders[j])
-        self.step_done, self.losses = int(meta["step"]), json.loads(meta["losses"])
         return True
 
 
@@ -495,7 +508,7 @@ def trained_names(unet, params: str) -> list[str]:
     return names if params == "unet" else [n for n in names if "attn2" in n]
 
 
-class Resteering:
+class Resteering(Resumable):
     """Stage B on ``unet`` (modified in place while training; ``close`` puts the original tensors back):
     the trained parameters get fresh copies, the originals are kept to restore and to diff against."""
 
@@ -548,17 +561,15 @@ class Resteering:
     def save(self, path: Path, key: str) -> None:
         tensors = training_tensors(self.opt, dict(zip(self.names, self.params)))
         tensors["rng"], order = self.draws.state()
-        save_state(path, key, tensors, {"step": str(self.step_done), "order": json.dumps(order),
-                                        "losses": json.dumps(self.losses)})
+        self.save_with_progress(path, key, tensors, order=order)
 
     def load(self, path: Path | None, key: str) -> bool:
-        saved = load_state(path, key, "fmn")
+        saved = self.load_with_progress(path, key)
         if saved is None:
             return False
         tensors, meta = saved
         restore_training(self.opt, dict(zip(self.names, self.params)), tensors)
         self.draws.restore(tensors["rng"], json.loads(meta["order"]))
-        self.step_done, self.losses = int(meta["step"]), json.loads(meta["losses"])
         return True
 
 

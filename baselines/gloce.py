@@ -41,7 +41,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from cpebench.attention import ContextBatch, ContextEdit, context_edit
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, read_safetensors
-from cpebench.methods.common import (base_kv_checksums, base_kv_sha256, check_at_least_one, check_base_kv,
-                                     check_choices, check_non_negative,
-                                     encode_texts, erase_inputs, parse_hparams, text_list)
+from cpebench.methods.common import (CheckedHparams, base_kv_checksums, base_kv_sha256, check_at_least_one,
+                                     check_base_kv, check_choices, check_non_negative, encode_texts, erase_inputs,
+                                     text_list)
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,11 @@ TENSORS = {
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/gloce.yaml (per-task values and their sources are there). Defaults: the
     celebrity configuration of HEAD (shell_scripts/celebs/update_gloce.sh, generate_by_gloce.sh)."""
+
+    method_name: ClassVar[str] = "gloce"
 
     template: str = "A face of {}"        # '{}' = the concept; celebrity "A face of", artist "An image in the style of", explicit "{}"
     anchor_pool: Any = ()                 # candidate anchors (and celebrity surrogates): a list or {file, column}
@@ -110,10 +112,6 @@ class Hparams:
     counter: str = "per_batch"            # per_batch: call count restarts with each prompt batch | official: wraps at 51
     batch_size: int = 8                   # statistics generations per UNet batch (operational)
     diagnostics: bool = False             # also score the targets (the official printout) into the metadata (operational)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "gloce")
 
     def check(self, method: str) -> None:
         check_choices(method, self, CHOICES)

@@ -43,7 +43,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -67,8 +67,8 @@ from cpebench.methods.closed_form import (
     weight_edit,
     weight_metadata,
 )
-from cpebench.methods.common import (PROJECTIONS, check_choices, check_non_negative, check_projections, encode_texts,
-                                     erase_inputs, parse_hparams, preserve_list)
+from cpebench.methods.common import (PROJECTIONS, CheckedHparams, check_choices, check_non_negative, check_projections,
+                                     encode_texts, erase_inputs, parse_hparams, preserve_list)
 
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ REG_ITEMS = ("1st", "2nd", "both")
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/rece.yaml (per-task values and their sources are there)."""
+
+    method_name: ClassVar[str] = "rece"
 
     # the UCE starting model (old UCE train_erase.py; RECE issues #4/#7: erase 1, preserve 1.0, lamb 0.5)
     uce_guide: Any = " "
@@ -102,10 +104,6 @@ class Hparams:
     erase_scale: float = 1.0
     preserve_scale: float = 0.1
     projections: tuple = PROJECTIONS       # with_to_k=True
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "rece")
 
     def check(self, method: str) -> None:
         check_projections(self.projections, method)

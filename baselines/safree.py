@@ -34,7 +34,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from cpebench.attention import ContextBatch, ContextEdit, context_edit
 from cpebench.errors import ConfigError
 from cpebench.methods import Artifact, Concept, EraseContext, Method, checksums_agree, weight_checksum
-from cpebench.methods.common import TOKENS, concept_names, encode_texts, parse_hparams
+from cpebench.methods.common import TOKENS, CheckedHparams, concept_names, encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ LONG_PROMPT_MODES = ("eos", "released")
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/safree.yaml (per-task values and their sources are there)."""
+
+    method_name: ClassVar[str] = "safree"
 
     alpha: float = 0.01                 # sf_alpha: trigger iff d_i ≥ (1 + α) · mean_{j≠i} d_j
     svf: bool = True                    # -svf: projected states at steps 0..t′ only
@@ -70,10 +72,6 @@ class Hparams:
     negative_prompt: str = "joined_truncated"   # [proposed] knob: CFG negative = ", ".join(concepts) | none
     mask_token_id: int = 0              # the id replacing a token in the leave-one-out prompts ("!")
     long_prompts: str = "eos"           # > 75 tokens: eos = truncate keeping EOS | released = the official ids[:77]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "safree")
 
     def check(self, method: str) -> None:
         for key, value, allowed in (("lra", self.lra, LRA_MODES), ("negative_prompt", self.negative_prompt, NEGATIVE_MODES),

@@ -40,7 +40,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -54,8 +54,8 @@ from cpebench.methods.closed_form import (
     weight_edit,
     weight_metadata,
 )
-from cpebench.methods.common import (ENCODE_BATCH, check_non_negative, encode_texts, erase_inputs,
-                                     parse_hparams, text_list)
+from cpebench.methods.common import (ENCODE_BATCH, CheckedHparams, check_non_negative, encode_texts, erase_inputs,
+                                     text_list)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,10 @@ RELEASE_SD14_WIDTHS = {"down_blocks.0": 320, "up_blocks.3": 320, "down_blocks.1"
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/speed.yaml (per-task values and their sources are there)."""
+
+    method_name: ClassVar[str] = "speed"
 
     anchor: Any = ""                  # one text for all targets, or one per target; '' = BOS (erase towards null)
     retain: Any = ()                  # retain concepts: a list, or {file, column}; none: rows 1..76 of ''
@@ -86,10 +88,6 @@ class Hparams:
     mini_batch: int = 8               # DPA draw granularity (changes only which random numbers are drawn)
     shuffle: bool = True              # randperm of the retain vectors (order sets the chunks)
     precision: str = "float64"        # float64 (cpebench) | float32 (official numerics)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "speed")
 
     def check(self, method: str) -> None:
         if self.params not in PARAMS:

@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -48,14 +48,16 @@ from cpebench.errors import ConfigError
 from cpebench.methods import Artifact, Concept, EraseContext, Method
 from cpebench.methods.closed_form import (NUMERICS, check_uce_settings, texts_record, to_storage, uce_edit,
                                           weight_edit, weight_metadata)
-from cpebench.methods.common import PROJECTIONS, erase_inputs, parse_hparams
+from cpebench.methods.common import PROJECTIONS, CheckedHparams, erase_inputs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/uce.yaml (per-task values and their sources are there)."""
+
+    method_name: ClassVar[str] = "uce"
 
     guide: Any = " "                   # one text for all concepts, or a list (one per concept); ' ' = unconditional
     preserve: Any = ()                 # preserve concepts: a list, or {file: <data file>, column: <name>}
@@ -66,10 +68,6 @@ class Hparams:
     tokens: str = "sequence"           # sequence (paper code) | last (HEAD)
     technique: str = "replace"         # v* = W_old g (the only technique implemented)
     projections: tuple = PROJECTIONS   # with_to_k=True: to_k and to_v
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "uce")
 
     def check(self, method: str) -> None:
         check_uce_settings(self, method)

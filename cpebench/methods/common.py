@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,6 +42,20 @@ def parse_hparams(cls, d: Mapping[str, Any], method: str):
     hp = cls(**hparams_from_dict(cls, d, method))
     hp.check(method)
     return hp
+
+
+class CheckedHparams:
+    """Base of a method's frozen ``Hparams`` dataclass: ``from_dict`` parses a mapping (unknown keys named,
+    values typed) and then calls ``check(method)``, once, before any model is loaded."""
+
+    method_name: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        return parse_hparams(cls, d, cls.method_name)
+
+    def check(self, method: str) -> None:
+        """Raise ConfigError naming ``hparams.<key>`` for a value the method cannot run with."""
 
 
 def check_non_negative(method: str, **values) -> None:
