@@ -838,9 +838,6 @@ class AC(Method):
                               "whose weights differ from the loaded model's; train it again on this model")
         return weight_edit(pipe.unet, artifact, self.name)
 
-    def load_artifact(self, path: str | Path) -> Artifact:
-        """A cpebench artifact folder, or the authors' AC weights (see ``load_official``)."""
-        path = Path(path)
-        if path.is_dir() and (path / "artifact.json").exists():
-            return super().load_artifact(path)
+    def load_release(self, path: Path) -> Artifact:
+        """The authors' AC weights (see ``load_official``)."""
         return load_official(path)

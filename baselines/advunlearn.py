@@ -860,9 +860,6 @@ class AdvUnlearn(Method):
         """The unlearned text encoder for prompts and the unconditional "" alike (official generation)."""
         return swapped_weights(pipe.text_encoder, self._tensors(pipe.text_encoder, artifact))
 
-    def load_artifact(self, path: str | Path) -> Artifact:
-        """A cpebench artifact folder, or the authors' text encoder (``load_released``)."""
-        path = Path(path)
-        if path.is_dir() and (path / "artifact.json").exists():
-            return super().load_artifact(path)
+    def load_release(self, path: Path) -> Artifact:
+        """The authors' text encoder (``load_released``)."""
         return load_released(path)

@@ -574,11 +574,8 @@ class _ESD(Method):
         tensors = {k: v.to(device=params[k].device, dtype=params[k].dtype, copy=True) for k, v in artifact.tensors.items()}
         return swapped_weights(pipe.unet, tensors)
 
-    def load_artifact(self, path: str | Path) -> Artifact:
-        """A cpebench artifact folder, or the official ESD weights (see ``load_official``)."""
-        path = Path(path)
-        if path.is_dir() and (path / "artifact.json").exists():
-            return super().load_artifact(path)
+    def load_release(self, path: Path) -> Artifact:
+        """The official ESD weights (see ``load_official``)."""
         return load_official(path, type(self))
 
 

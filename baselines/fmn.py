@@ -708,9 +708,6 @@ class FMN(Method):
         # shape checks, the base model's K/V fingerprint, then swapped_weights (own aligned storage, bit-exact exit)
         return weight_edit(pipe.unet, artifact, self.name)
 
-    def load_artifact(self, path: str | Path) -> Artifact:
-        """A cpebench artifact folder, or the official output folder (see ``load_official``)."""
-        path = Path(path)
-        if path.is_dir() and (path / "artifact.json").exists():
-            return super().load_artifact(path)
+    def load_release(self, path: Path) -> Artifact:
+        """The official output folder (see ``load_official``)."""
         return load_official(path)

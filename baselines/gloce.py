@@ -720,9 +720,6 @@ class GLoCE(Method):
                          settings.get("counter", "per_batch"))
         return context_edit(unet, edit)
 
-    def load_artifact(self, path: str | Path) -> Artifact:
-        """A cpebench artifact folder, or official checkpoints (see ``load_official``)."""
-        path = Path(path)
-        if path.is_dir() and (path / "artifact.json").exists():
-            return super().load_artifact(path)
+    def load_release(self, path: Path) -> Artifact:
+        """Official checkpoints (see ``load_official``)."""
         return load_official(path)

@@ -424,9 +424,6 @@ class SPEED(Method):
     def apply(self, pipe, artifact: Artifact):
         return weight_edit(pipe.unet, artifact, self.name)
 
-    def load_artifact(self, path: str | Path) -> Artifact:
-        """A cpebench artifact folder, or a released SPEED ``.pt`` checkpoint (``load_release``)."""
-        path = Path(path)
-        if path.is_dir():
-            return super().load_artifact(path)
+    def load_release(self, path: Path) -> Artifact:
+        """A released SPEED ``.pt`` checkpoint (the module's ``load_release``)."""
         return load_release(path, self.name)

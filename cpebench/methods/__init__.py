@@ -209,11 +209,19 @@ class Method(abc.ABC):
         """Context manager: inside, ``pipe`` is the erased model; on exit it is restored bit for bit."""
 
     def load_artifact(self, path: str | Path) -> Artifact:
-        """An artifact given by the user (``--artifact``); methods may accept other formats too."""
+        """An artifact given by the user (``--artifact``): a cpebench artifact folder, or anything else the
+        method's ``load_release`` reads (the authors' released weights in their own format)."""
+        path = Path(path)
+        if not (path / "artifact.json").is_file() and type(self).load_release is not Method.load_release:
+            return self.load_release(path)
         artifact = Artifact.load(path)
         if artifact.method != self.name:
             raise CpebenchError(f"{path} is a {artifact.method!r} artifact, not {self.name!r}")
         return artifact
+
+    def load_release(self, path: Path) -> Artifact:
+        """The method's released weights as an artifact; a method that has them overrides this."""
+        raise NotImplementedError
 
 
 def hparam_value(method: str, key: str, kind: str, value: Any) -> Any:

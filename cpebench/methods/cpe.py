@@ -792,9 +792,6 @@ class CPE(Method):
         layers = check_layout(pipe.unet, artifact)
         return kv_edit(pipe.unet, ResAG(artifact.tensors, layers, device=pipe.unet.device))
 
-    def load_artifact(self, path: str | Path) -> Artifact:
-        """A cpebench artifact folder, or the official release's checkpoint file(s)."""
-        path = Path(path)
-        if path.is_dir() and (path / "artifact.json").exists():
-            return super().load_artifact(path)
+    def load_release(self, path: Path) -> Artifact:
+        """The official release's checkpoint file(s)."""
         return load_official(path)
