@@ -57,7 +57,7 @@ from cpebench.methods import Artifact, Concept, EraseContext, Method, checksums_
 from cpebench.methods.closed_form import weight_edit, weight_metadata
 from cpebench.methods.common import (PROJECTIONS, CheckedHparams, check_at_least_one, check_choices, check_non_negative,
                                      encode_texts, erase_inputs, load_state, restore_training, save_state, text_list,
-                                     training_tensors)
+                                     train_resumable, training_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -669,29 +669,17 @@ def train_step(trainer: Trainer) -> float:
 
 def train(pipe, trainer: Trainer, hp: Hparams, key: str, ctx: EraseContext) -> tuple[dict, dict]:
     """Run (or resume) the training; returns (changed tensors, training record); the UNet is restored."""
-    from tqdm.auto import tqdm
-
     path = Path(ctx.workdir) / STATE_FILE if ctx.workdir else None
     try:
-        before = (trainer.load_state(path, key) if path else None) or 0.0
-        if trainer.step_done:
-            log.info("ac: resuming at step %d of %d", trainer.step_done, hp.max_steps)
-        t0 = time.perf_counter()
-        with tqdm(total=hp.max_steps, initial=trainer.step_done, desc="ac: training", unit="step",
-                  disable=not ctx.progress, dynamic_ncols=True) as bar:
-            while trainer.step_done < hp.max_steps:
-                loss = train_step(trainer)
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss:.4g}")
-                if path and (trainer.step_done % hp.save_every == 0 or trainer.step_done == hp.max_steps):
-                    trainer.save_state(path, key, before + time.perf_counter() - t0)
+        seconds = train_resumable(trainer, hp.max_steps, lambda t: train_step(t), path=path, key=key,
+                                  save_every=hp.save_every, desc="ac: training", progress=ctx.progress)
         tensors = trainer.trained()
         checksum = weight_checksum(trainer.frozen[n] for n in tensors)
         losses = list(trainer.losses)
     finally:
         trainer.close()
     curve = [round(sum(losses[i : i + 10]) / len(losses[i : i + 10]), 8) for i in range(0, len(losses), 10)]
-    record = {"seconds": round(before + time.perf_counter() - t0, 3), "steps": hp.max_steps,
+    record = {"seconds": round(seconds, 3), "steps": hp.max_steps,
               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
               "loss_mean_per_10": curve, "base_checksum": checksum}
     if not tensors:

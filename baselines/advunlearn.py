@@ -72,7 +72,7 @@ from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, read_state_dict,
                               weight_checksum)
 from cpebench.methods.common import (CheckedHparams, check_at_least_one, check_choices, erase_inputs, load_state,
-                                     restore_training, save_state, text_list, training_tensors)
+                                     restore_training, save_state, text_list, train_resumable, training_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -705,8 +705,6 @@ def train_step(trainer: Trainer) -> float:
 
 def train(pipe, names: Sequence[str], hp: Hparams, ctx: EraseContext) -> tuple[dict, dict]:
     """Run AdvUnlearn; returns (changed text-encoder tensors, metadata). ``pipe`` is left as it was."""
-    from tqdm.auto import tqdm
-
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     image_size = hp.image_size or pipe.unet.config.sample_size * vae_factor
     if image_size % vae_factor:
@@ -717,25 +715,14 @@ def train(pipe, names: Sequence[str], hp: Hparams, ctx: EraseContext) -> tuple[d
         "\n".join(retain).encode()).hexdigest(), "parameters": trainer.param_names}, sort_keys=True)
     path = Path(ctx.workdir) / STATE_FILE if ctx.workdir else None
     try:
-        before = (trainer.load_state(path, key) if path else None) or 0.0
-        if trainer.step_done:
-            log.info("advunlearn: resuming at iteration %d of %d", trainer.step_done, hp.iterations)
-        t0 = time.perf_counter()
-        desc = f"advunlearn: {len(names)} concept{'s' * (len(names) > 1)}"
-        with tqdm(total=hp.iterations, initial=trainer.step_done, desc=desc, unit="it", disable=not ctx.progress,
-                  dynamic_ncols=True) as bar:
-            while trainer.step_done < hp.iterations:
-                loss = train_step(trainer)
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss:.4g} (unlearn {trainer.last['unlearn']:.4g}, "
-                                    f"retain {trainer.last['retain']:.4g})")
-                if path and (trainer.step_done % hp.save_every == 0 or trainer.step_done == hp.iterations):
-                    trainer.save_state(path, key, before + time.perf_counter() - t0)
+        seconds = train_resumable(
+            trainer, hp.iterations, lambda t: train_step(t), path=path, key=key, save_every=hp.save_every,
+            desc=f"advunlearn: {len(names)} concept{'s' * (len(names) > 1)}", unit="iteration", progress=ctx.progress,
+            postfix=lambda t, loss: f"loss {loss:.4g} (unlearn {t.last['unlearn']:.4g}, retain {t.last['retain']:.4g})")
         tensors = trainer.trained()
         checksum = weight_checksum(trainer.frozen[n] for n in tensors)
     finally:
         trainer.close()
-    seconds = before + time.perf_counter() - t0
     losses = trainer.losses
     curve = [round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 8) for i in range(0, len(losses), 50)]
     if not tensors:

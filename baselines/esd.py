@@ -56,7 +56,6 @@ import json
 import logging
 import math
 import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -68,8 +67,8 @@ from cpebench.attention import swapped_weights
 from cpebench.errors import ConfigError, CpebenchError, DataError
 from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
                               read_safetensors, read_torch, weight_checksum)
-from cpebench.methods.common import (TrainableCopy, check_at_least_one, check_choices, erase_inputs, load_state, restore_training, save_state,
-                                     training_tensors)
+from cpebench.methods.common import (TrainableCopy, check_at_least_one, check_choices, erase_inputs, load_state,
+                                     restore_training, save_state, train_resumable, training_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +395,6 @@ def train_step(trainer: Trainer) -> float:
 
 def train(pipe, concepts: Sequence[str], hp: Hparams, ctx: EraseContext, method: str) -> tuple[dict, dict]:
     """Run ESD; returns (changed tensors, metadata). ``pipe`` is left as it was."""
-    from tqdm.auto import tqdm
-
     from cpebench.models import text_embeddings
 
     unet = pipe.unet
@@ -417,20 +414,10 @@ def train(pipe, concepts: Sequence[str], hp: Hparams, ctx: EraseContext, method:
                       "parameters": trainer.names}, sort_keys=True)
     path = Path(ctx.workdir) / STATE_FILE if ctx.workdir else None
     try:
-        before = (trainer.load_state(path, key) if path else None) or 0.0
-        if trainer.step_done:
-            log.info("%s: resuming at step %d of %d", method, trainer.step_done, hp.iterations)
-        t0 = time.perf_counter()
-        desc = f"{method}: {len(concepts)} concept{'s' * (len(concepts) > 1)}"
-        with tqdm(total=hp.iterations, initial=trainer.step_done, desc=desc, unit="step", disable=not ctx.progress,
-                  dynamic_ncols=True) as bar:
-            while trainer.step_done < hp.iterations:
-                loss = train_step(trainer)
-                bar.update(1)
-                recent = trainer.losses[-50:]
-                bar.set_postfix_str(f"loss {loss:.4g}  mean(50) {sum(recent) / len(recent):.4g}")
-                if path and (trainer.step_done % hp.save_every == 0 or trainer.step_done == hp.iterations):
-                    trainer.save_state(path, key, before + time.perf_counter() - t0)
+        seconds = train_resumable(
+            trainer, hp.iterations, lambda t: train_step(t), path=path, key=key, save_every=hp.save_every,
+            desc=f"{method}: {len(concepts)} concept{'s' * (len(concepts) > 1)}", progress=ctx.progress,
+            postfix=lambda t, loss: f"loss {loss:.4g}  mean(50) {sum(t.losses[-50:]) / len(t.losses[-50:]):.4g}")
         tensors = trainer.trained()
         n_params = sum(p.numel() for p in trainer.params)
         names = list(trainer.names)
@@ -438,7 +425,6 @@ def train(pipe, concepts: Sequence[str], hp: Hparams, ctx: EraseContext, method:
         losses = trainer.losses
     finally:
         trainer.close()
-    seconds = before + time.perf_counter() - t0
     curve = [round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 8) for i in range(0, len(losses), 50)]
     meta = {
         "train_method": hp.train_method, "resolved_hparams": asdict(hp), "trained_parameters": len(names),

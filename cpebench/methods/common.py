@@ -11,7 +11,8 @@ import csv
 import hashlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -269,6 +270,30 @@ def erase_inputs(method, pipe, concepts: Sequence[Concept | str], hparams: Mappi
 
     return (concept_names(method.name, concepts), method.hparams(hparams),
             ctx or EraseContext(device=str(pipe.unet.device)))
+
+
+def train_resumable(trainer, total: int, step: Callable[[Any], float], *, path: Path | None, key: str,
+                    save_every: int, desc: str, unit: str = "step", progress: bool = True,
+                    postfix: Callable[[Any, float], str] | None = None) -> float:
+    """Run ``step(trainer)`` until ``trainer.step_done == total`` behind a progress bar, first resuming from
+    the training state at ``path`` (saved under ``key`` by ``trainer.save_state(path, key, seconds)``, read
+    back by ``trainer.load_state(path, key)`` -> seconds or None), and saving it every ``save_every`` steps
+    and at the end. Returns the training seconds, those of earlier interrupted runs included."""
+    from tqdm.auto import tqdm
+
+    before = (trainer.load_state(path, key) if path else None) or 0.0
+    if trainer.step_done:
+        log.info("%s: resuming at %s %d of %d", desc, unit, trainer.step_done, total)
+    t0 = time.perf_counter()
+    with tqdm(total=total, initial=trainer.step_done, desc=desc, unit=unit, disable=not progress,
+              dynamic_ncols=True) as bar:
+        while trainer.step_done < total:
+            loss = step(trainer)
+            bar.update(1)
+            bar.set_postfix_str(postfix(trainer, loss) if postfix else f"loss {loss:.4g}")
+            if path and (trainer.step_done % save_every == 0 or trainer.step_done == total):
+                trainer.save_state(path, key, before + time.perf_counter() - t0)
+    return before + time.perf_counter() - t0
 
 
 def cosine_with_restarts(warmup: int, total: int, cycles: int):
