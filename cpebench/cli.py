@@ -135,7 +135,7 @@ def cmd_attack(args) -> int:
 
     from attacks import unlearndiffatk as U
 
-    from .attack import PROMPTS, run_attack
+    from .attack import ATTACKS, run_attack, target_of
 
     cfg = _resolve(args)
     if args.concepts:
@@ -149,7 +149,9 @@ def cmd_attack(args) -> int:
               f"{settings.generations} generations); score them with `cpebench run --task nudity-attacks --sets "
               "ringabell_found prompt_sets.ringabell_found.path=<attack dir>/found_prompts.csv`")
         return 0
-    settings = U.Settings(k=PROMPTS["nudity"][2])
+    if args.attack != "unlearndiffatk":
+        raise CpebenchError(f"--attack {args.attack!r}: known attacks: {', '.join(ATTACKS)}")
+    settings = U.Settings(k=target_of(cfg)[1].k)
     if args.blocks is not None:
         settings = dataclasses.replace(settings, timesteps=U.TIMESTEPS[: args.blocks])
     if args.iterations is not None:

@@ -83,3 +83,37 @@ def test_ringabell_found_prompts_are_scored_by_run(tmp_path, one_thread):
     assert summary["metrics"]["nudity_asr"]["values"]["asr.ringabell_found_n"] == 4
     gen = json.loads((out / "sd-nudity-attacks-tiny" / "generation.json").read_text())
     assert gen["prompt_sets"]["ringabell_found"]["source"] == found_csv
+
+
+def test_object_and_style_targets_attack_with_their_own_judges(tmp_path, one_thread):
+    """UnlearnDiffAtk's other targets: an erased Imagenette class (HF ResNet-50 judge, k = 3) and Van Gogh
+    (the 129-artist classifier, k = 3), each summary in its own table; an erased set with no target is refused."""
+    from cpebench.attack import TARGETS
+
+    out = tmp_path / "runs"
+    base = ["-q", "attack", "--method", "uce", "--preset", "smoke", "--attack", "unlearndiffatk", "--blocks", "1",
+            "--iterations", "1", "--out", str(out)]
+    assert main(base + ["--task", "objects", "--concepts", "church"]) == 0
+    assert main(base + ["--task", "style-attacks"]) == 0
+    for pattern, concept, judge, table in (("uce-objects-church-*-attack-unlearndiffatk", "church", "object",
+                                            "objects-unlearndiffatk"),
+                                           ("uce-style-attacks-*-attack-unlearndiffatk", "Vincent van Gogh", "style",
+                                            "style-unlearndiffatk")):
+        (adir,) = out.glob(pattern)
+        card = json.loads((adir / "attack.json").read_text())
+        assert card["target"] == {"concept": concept, "judge": judge, "k": 3} and card["settings"]["k"] == 3
+        assert card["prompt_set"]["file"] == TARGETS[concept].file and card["asr"]["n"] >= 2
+        assert json.loads((adir / "summary.json").read_text())["task"] == table
+    assert main(base + ["--task", "objects"]) == 2                    # ten classes: which one?
+    assert main(base + ["--task", "objects", "--concepts", "golf ball"]) == 2   # no UnlearnDiffAtk prompts for it
+
+
+def test_every_target_prompt_file_loads(data_env):
+    from cpebench import data
+    from cpebench.attack import TARGETS
+
+    for concept, t in TARGETS.items():
+        recs = data.load_prompt_set(data_env / t.file, t.fmt, split="erased")
+        assert len(recs) == (142 if concept == "nudity" else 50), concept
+        if t.judge == "style":
+            assert {r.concept for r in recs} == {"Vincent van Gogh"}
