@@ -219,6 +219,8 @@ def run_attack(cfg: RunConfig, attack: str, *, settings=None, progress: bool = T
     missing = [i for i, x in enumerate(no_attack) if x is None]
     if missing:
         no_attack = plain_flags(cfg, pipe, artifact, [rows[i] for i in missing], no_attack, missing, judge, images, device)
+    # Style: UnlearnDiffAtk's style_analysis.py gives (succ + N − valid) / N (no early stop there); with the
+    # early stop here and no skipped prompt that is the same number (a later hit is a hit however many follow).
     rates = U.asr(no_attack, [[a["success"] for a in rec["attempts"]] if not rec["skipped"] else None for rec in records])
     write_found(out / "found_prompts.csv", rows, records, cfg.protocol.guidance)
     card = {
