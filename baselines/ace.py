@@ -25,7 +25,10 @@ the exact box-constrained ridge least-squares gate that makes the gated output m
 Stage 2 (adversarially augmented fine-tuning): Adam on the gates only, ε-matching
     L = ‖ε_g(x_t, p) − ε(x_t, neutral(p))‖² + λ_p ‖ε_g(x_t, r) − ε(x_t, r)‖²
 with p drawn from the concept prompts or (``adv_prob``) their synonym / typo / surname variants, r from the
-retain prompts; gates clamped to [0,1] after every step. Training state (gates, Adam moments, generator,
+retain prompts; gates clamped to [0,1] after every step. Each concept trains as it would alone (its own Adam
+state, gradient clipping, generator and one-concept mask; concepts take turns), so erasing several concepts
+gives each the gates of erasing it alone from the same stage-1 result and data. x_0 are the VAE latents of the
+generated images (``vae_roundtrip``). Training state (gates, Adam moments, generators,
 losses) and the stage-1 result (data latents, gates, mask calibration) live in ``ctx.workdir``: a killed
 erase resumes with identical gates.
 """
@@ -38,6 +41,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -88,7 +92,7 @@ class Hparams:
     data_scheduler: str = "pndm"
     data_steps: int = 50
     data_guidance: float = 7.5
-    vae_roundtrip: bool = False         # x_0 = VAE.encode(VAE.decode(latent)) instead of the sampled latent
+    vae_roundtrip: bool = True          # x_0 = the VAE latent of the generated 8-bit image (spec); false: the sampled latent
     seed: int = 2024
     # mask (docs/methods/ace.md)
     semantic_mask: bool = True          # m_sem besides m_lex
@@ -161,7 +165,10 @@ class Hparams:
 
 
 def fill(template: str, word: str, text: str) -> str:
-    return " ".join(template.replace(word, text).replace(word.lower(), text).split())
+    """``template`` with every occurrence of ``word`` (or its lower-case form) replaced by ``text``, in one pass:
+    a ``text`` containing the word ("Renowned artist" for the word "artist") is inserted once, not again."""
+    pattern = f"{re.escape(word)}|{re.escape(word.lower())}"
+    return " ".join(re.sub(pattern, lambda _: text, template).split())
 
 
 def typo(name: str) -> str | None:
@@ -303,6 +310,13 @@ class TokenMask(torch.nn.Module):
         else:
             self.register_buffer("tau", tau.float().clone())
             self.register_buffer("temperature", temperature.float().clone())
+
+    def concept(self, c: int, trainable: bool = False) -> TokenMask:
+        """Concept c's mask alone: a one-concept TokenMask whose masks are column c of this one's (its own token
+        sequences, prototype, τ, T); τ, T copied (trainable: as parameters)."""
+        seqs = [s for s, o in zip(self.sequences, self.owners) if o == c]
+        return TokenMask(seqs, [0] * len(seqs), self.prototype[c : c + 1].detach(), self.tau[c : c + 1].detach(),
+                         self.temperature[c : c + 1].detach(), self.semantic[c : c + 1], self.gate_eos, trainable=trainable)
 
     def lexical(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, 77, C]: 1 where a concept's (or variant's) token sequence occurs contiguously."""
@@ -515,7 +529,8 @@ def latent_shape(pipe, hp: Hparams) -> tuple[int, int, int]:
 def generate_latents(pipe, unet, prompts: Sequence[str], hp: Hparams, seed: int, device, progress: bool = False,
                      desc: str = "ace: data") -> torch.Tensor:
     """x_0 of ``prompts`` from the unedited model (CFG ``data_guidance``, ``data_scheduler``), one seeded noise
-    draw per call: [N, c, h, w] float32."""
+    draw per call: [N, c, h, w] float32; the VAE latents of the generated images (``vae_roundtrip``, default)
+    or the sampled latents."""
     from tqdm.auto import tqdm
 
     from cpebench.engine import make_scheduler
@@ -535,11 +550,20 @@ def generate_latents(pipe, unet, prompts: Sequence[str], hp: Hparams, seed: int,
             e_u, e_c = unet(x_in, t.to(device), encoder_hidden_states=context, return_dict=False)[0].float().chunk(2)
             x = scheduler.step(e_u + hp.data_guidance * (e_c - e_u), t, x, return_dict=False)[0]
         if hp.vae_roundtrip:
-            vae, sf = pipe.vae, pipe.vae.config.scaling_factor
-            image = vae.decode(x.to(vae.dtype) / sf, return_dict=False)[0]
-            x = vae.encode(image).latent_dist.mean.float() * sf
+            x = image_latents(pipe, x)
         out.append(x.float())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def image_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE latents of the images ``latents`` generate (spec §3.3/§4.2: "VAE latents of the generated
+    images"): decoded, made the 8-bit image the engine outputs (clamped to [-1, 1], 256 levels), encoded,
+    posterior mean × scaling factor (as ``cpebench.attack.target_latents`` encodes its generated images)."""
+    vae, sf = pipe.vae, pipe.vae.config.scaling_factor
+    image = vae.decode(latents.to(vae.dtype) / sf, return_dict=False)[0].float()
+    pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round()
+    return vae.encode((pixels / 127.5 - 1).to(vae.dtype)).latent_dist.mean.float() * sf
 
 
 def pick(n_from: int, n: int, generator: torch.Generator) -> list[int]:
@@ -638,29 +662,43 @@ class Stage2Data:
 
 
 class GateTrainer:
-    """Adam on the gates (and τ, T with ``train_mask``) through the frozen UNet (``unet``, fp32)."""
+    """Adam on the gates (and τ, T with ``train_mask``) through the frozen UNet (``unet``, fp32).
+
+    Each concept trains as it would alone (spec §5: every concept's gates are its own): its own Adam state,
+    gradient clipping, generator (seeded ``seed``, as a one-concept erase) and a one-concept mask, so the other
+    concepts' gates are not in its forward pass. Concepts take turns, one step each; a concept's parameters
+    move only on its own steps. (One Adam over all concepts' gates kept moving a concept by momentum on the
+    others' turns and filled its second moment with zeros: ≈ √C times the step of a lone concept.)"""
 
     def __init__(self, unet, gates: Mapping[str, torch.Tensor], mask: TokenMask, data: Stage2Data, hp: Hparams,
                  alphas_cumprod: torch.Tensor, device):
         self.unet, self.hp, self.data, self.mask, self.device = unet, hp, data, mask, device
         self.names = list(gates)
-        self.params = [torch.nn.Parameter(gates[n].detach().to(device, torch.float32).clone()) for n in self.names]
-        self.edit = TrainingGates(dict(zip(self.names, self.params)), hp.gate_keys)
-        trained = self.params + ([mask.tau, mask.temperature] if hp.train_mask else [])
-        self.opt = torch.optim.Adam(trained, lr=hp.lr, betas=(hp.beta1, hp.beta2))
-        self.trained = trained
-        self.abar = alphas_cumprod.to(device, torch.float32)
-        self.generator = torch.Generator().manual_seed(hp.seed)
         self.n_concepts = data.concept_latents.shape[0]
+        if mask.n_concepts != self.n_concepts:
+            raise ValueError(f"ace: a mask of {mask.n_concepts} concepts for data of {self.n_concepts}")
+        # per concept c: its gates [1, d] per layer, its mask, its trained tensors, optimiser and generator
+        self.params = [[torch.nn.Parameter(gates[n][c : c + 1].detach().to(device, torch.float32).clone())
+                        for n in self.names] for c in range(self.n_concepts)]
+        self.masks = [mask.concept(c, trainable=hp.train_mask).to(device) for c in range(self.n_concepts)]
+        self.trained = [ps + ([m.tau, m.temperature] if hp.train_mask else []) for ps, m in zip(self.params, self.masks)]
+        self.opts = [torch.optim.Adam(t, lr=hp.lr, betas=(hp.beta1, hp.beta2)) for t in self.trained]
+        self.generators = [torch.Generator().manual_seed(hp.seed) for _ in range(self.n_concepts)]
+        self.edit = TrainingGates(dict(zip(self.names, self.params[0])), hp.gate_keys)
+        self.abar = alphas_cumprod.to(device, torch.float32)
         self.step_done, self.losses = 0, []
 
-    def draw(self) -> dict:
-        """The step's random draws from one CPU generator, in a fixed order: per erase row its concept (round
-        robin), adversarial or not, prompt, image, t, ε; per retain row prompt, image, t, ε."""
-        g, d, hp = self.generator, self.data, self.hp
+    def concept(self) -> int:
+        """The concept whose turn the next step is."""
+        return self.step_done % self.n_concepts
+
+    def draw(self, c: int | None = None) -> dict:
+        """Concept c's step draws (default: the next step's concept) from its own CPU generator, in a fixed
+        order: per erase row adversarial or not, prompt, image; per retain row prompt, image; then t, ε."""
+        c = self.concept() if c is None else c
+        g, d, hp = self.generators[c], self.data, self.hp
         rows, targets, latents = [], [], []
-        for j in range(hp.erase_batch):
-            c = (self.step_done * hp.erase_batch + j) % self.n_concepts
+        for _ in range(hp.erase_batch):
             adv = len(d.adv_rows[c]) > 0 and float(torch.rand((), generator=g)) < hp.adv_prob
             pool, tpool = (d.adv_rows[c], d.adv_targets[c]) if adv else (d.erase_rows[c], d.erase_targets[c])
             i = int(torch.randint(len(pool), (), generator=g))
@@ -675,22 +713,24 @@ class GateTrainer:
         n = len(rows)
         t = torch.randint(len(self.abar), (n,), generator=g)
         noise = torch.randn((n, *latents[0].shape), generator=g)
-        return {"rows": torch.stack(rows), "targets": torch.stack(targets), "x0": torch.stack(latents).to(self.device),
-                "t": t.to(self.device), "noise": noise.to(self.device), "n_erase": hp.erase_batch}
+        return {"concept": c, "rows": torch.stack(rows), "targets": torch.stack(targets),
+                "x0": torch.stack(latents).to(self.device), "t": t.to(self.device), "noise": noise.to(self.device),
+                "n_erase": hp.erase_batch}
 
     def _eps(self, x, t, context):
         return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0].float()
 
     def losses_of(self, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_erase, L_pres) of a draw, with gradients to the gates (the targets from the frozen model)."""
-        bank = self.data.bank
+        """(L_erase, L_pres) of a draw, with gradients to its concept's gates (the targets from the frozen model)."""
+        bank, c = self.data.bank, d["concept"]
         a = self.abar[d["t"]].view(-1, 1, 1, 1)
         x = a.sqrt() * d["x0"] + (1 - a).sqrt() * d["noise"]
         with torch.no_grad():
             self.edit.masks = None
             target = self._eps(x, d["t"], bank.emb[d["targets"]])
         rows = d["rows"]
-        self.edit.masks = self.mask(bank.emb[rows], bank.ids[rows], bank.lengths[rows])
+        self.edit.gates = dict(zip(self.names, self.params[c]))
+        self.edit.masks = self.masks[c](bank.emb[rows], bank.ids[rows], bank.lengths[rows])
         try:
             pred = self._eps(x, d["t"], bank.emb[rows])
         finally:
@@ -701,33 +741,42 @@ class GateTrainer:
         return erase, keep
 
     def step(self) -> float:
-        erase, keep = self.losses_of(self.draw())
+        d = self.draw()
+        c = d["concept"]
+        erase, keep = self.losses_of(d)
         loss = erase + self.hp.lambda_p * keep
-        self.opt.zero_grad(set_to_none=True)
+        opt = self.opts[c]
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.hp.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trained, self.hp.grad_clip)
-        self.opt.step()
+            torch.nn.utils.clip_grad_norm_(self.trained[c], self.hp.grad_clip)
+        opt.step()
         with torch.no_grad():
-            for p in self.params:
+            for p in self.params[c]:
                 p.clamp_(0.0, 1.0)
             if self.hp.train_mask:
-                self.mask.temperature.clamp_(min=1e-4)
+                m = self.masks[c]
+                m.temperature.clamp_(min=1e-4)
+                self.mask.tau[c] = m.tau[0]
+                self.mask.temperature[c] = m.temperature[0]
         self.step_done += 1
         self.losses.append(float(loss.detach()))
         return self.losses[-1]
 
     def gates(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)}
+        """{layer: [C, d]} on the CPU."""
+        return {n: torch.cat([ps[i] for ps in self.params]).detach().cpu().clone() for i, n in enumerate(self.names)}
 
     def save_state(self, path: Path, key: str, seconds: float) -> None:
-        tensors = {f"gate.{n}": p for n, p in zip(self.names, self.params)}
-        for i, p in enumerate(self.trained):
-            for k, v in self.opt.state.get(p, {}).items():
-                tensors[f"adam.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors = {}
+        for c in range(self.n_concepts):
+            tensors.update({f"gate.{c}.{n}": p for n, p in zip(self.names, self.params[c])})
+            for i, p in enumerate(self.trained[c]):
+                for k, v in self.opts[c].state.get(p, {}).items():
+                    tensors[f"adam.{c}.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"rng.{c}"] = self.generators[c].get_state()
         if self.hp.train_mask:
             tensors["mask.tau"], tensors["mask.temperature"] = self.mask.tau, self.mask.temperature
-        tensors["rng"] = self.generator.get_state()
         save_state(path, key, tensors, {"step": str(self.step_done), "losses": json.dumps(self.losses),
                                         "seconds": str(seconds)})
 
@@ -737,19 +786,24 @@ class GateTrainer:
             return 0.0
         tensors, meta = saved
         with torch.no_grad():
-            for n, p in zip(self.names, self.params):
-                p.copy_(tensors[f"gate.{n}"])
+            for c in range(self.n_concepts):
+                for n, p in zip(self.names, self.params[c]):
+                    p.copy_(tensors[f"gate.{c}.{n}"])
             if self.hp.train_mask:
                 self.mask.tau.copy_(tensors["mask.tau"])
                 self.mask.temperature.copy_(tensors["mask.temperature"])
-        state = {}
-        for i in range(len(self.trained)):
-            moments = {k.rsplit(".", 1)[1]: v if k.endswith(".step") else v.to(self.device)
-                       for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
-            if moments:
-                state[i] = moments
-        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
-        self.generator.set_state(tensors["rng"])
+                for c, m in enumerate(self.masks):
+                    m.tau.copy_(self.mask.tau[c : c + 1])
+                    m.temperature.copy_(self.mask.temperature[c : c + 1])
+        for c in range(self.n_concepts):
+            state = {}
+            for i in range(len(self.trained[c])):
+                moments = {k.rsplit(".", 1)[1]: v if k.endswith(".step") else v.to(self.device)
+                           for k, v in tensors.items() if k.startswith(f"adam.{c}.{i}.")}
+                if moments:
+                    state[i] = moments
+            self.opts[c].load_state_dict({"state": state, "param_groups": self.opts[c].state_dict()["param_groups"]})
+            self.generators[c].set_state(tensors[f"rng.{c}"])
         self.step_done, self.losses = int(meta["step"]), json.loads(meta["losses"])
         return float(meta.get("seconds", 0.0))
 
@@ -777,7 +831,7 @@ def frozen(unet):
 
 class ACE(Method):
     name = "ace"
-    version = "1"
+    version = "2"    # 2: data x_0 = VAE latents of the generated images (vae_roundtrip default); per-concept stage 2
     description = ("ACE (arXiv 2504.11850; cpebench reconstruction, spec v1: the paper has no code and its text "
                    "could not be read): per-concept gates on the 16 attn2 K/V rows of the concept's tokens, "
                    "K,V ⊙ (1 − m gᵀ); closed-form ridge gates, then 200 Adam steps of ε-matching with synonym/typo "

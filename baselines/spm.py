@@ -105,7 +105,7 @@ class Hparams:
     dynamic_resolution: bool = True     # H, W drawn from {r/2, r/2+64, ..., r−64}
     seed: int = 0
     concepts_per_step: int = 1          # membranes trained together in one batch (per_concept)
-    autocast: str = "none"              # none | bf16 | fp16: the gradient-free passes only
+    autocast: str = "none"              # none | bf16 | fp16: the x_t sampling only (the loss passes stay fp32)
     save_every: int = 500               # operational: resumable state every N steps
     # inference: Facilitated Transport
     matching: str = "clipcos_tokenuni"
@@ -428,7 +428,8 @@ class Trainer:
     @torch.no_grad()
     def sample_xt(self, d: dict, targets: torch.Tensor) -> torch.Tensor:
         """k_g DDIM steps (η = 0) with membrane g ON at CFG ``start_guidance`` on ["", t_g]; a sample stops after
-        its own k_g steps (the batch keeps only the samples still running)."""
+        its own k_g steps (the batch keeps only the samples still running). The only passes ``autocast`` speeds
+        up: x_t is one input shared by both sides of every loss term, so its rounding never enters as a difference."""
         x = d["noise"].to(self.device)
         k = d["k"]
         ts = self.ddim_timesteps()
@@ -465,8 +466,10 @@ class Trainer:
         anchors = self.anchor_rows(d["anchors"].to(self.device))     # [G, S', 77, D]
         s = anchors.shape[1]
         member = torch.arange(g)
-        # membrane OFF, no grad: [p_g | n_g | anchors_g] for all g (p = t)
-        with torch.no_grad(), self._amp():
+        # membrane OFF, no grad: [p_g | n_g | anchors_g] for all g (p = t). fp32 even with ``autocast``: each
+        # loss compares an OFF prediction with an ON one, so both sides must share one precision (bf16 OFF vs fp32
+        # ON: their rounding difference × λ_LA = 1000 outweighed the erase loss at the first step)
+        with torch.no_grad():
             ctx = torch.cat([targets, neutrals, anchors.flatten(0, 1)])
             rows = torch.cat([member, member, member.repeat_interleave(s)])
             frozen = self._eps(x[rows], t_q[rows], ctx, None)
@@ -727,7 +730,7 @@ def to_official(artifact: Artifact, index: int) -> tuple[dict[str, torch.Tensor]
 
 class SPM(Method):
     name = "spm"
-    version = "1"
+    version = "2"    # 2: autocast covers the x_t sampling only (version 1 also ran the membrane-off targets in it)
     description = ("concept Semi-Permeable Membrane (CVPR 2024): a rank-1 adapter on the 192 linear layers of the "
                    "UNet's transformers, trained with latent anchoring, applied per prompt by Facilitated Transport; "
                    "defaults = Con6924/SPM@3dd762e: 3000 it, lr 1e-4, LA 1000, 4 anchors, one SPM per concept")

@@ -23,8 +23,8 @@ inline lists need no data files):
 * ``cpebench-single`` — ``ACE().erase`` once per concept (one concept per call): the same work from the
   same draws as ``reference``.
 * ``cpebench`` — ``ACE().erase`` on all K concepts at once, as the benchmark runs it: the concepts share one
-  retain set and its images, stage 1 batches all rows of all concepts, stage 2 trains all gates together
-  (the concepts take turns, ``steps`` × K steps in all).
+  retain set and its images, stage 1 batches all rows of all concepts, stage 2 trains each concept's gates
+  with its own optimiser (the concepts take turns, ``steps`` × K steps in all).
 
 The reference draws everything cpebench draws, from the same seeded CPU generators in the same order (the
 image prompts, the image noise, the statistics noise, per stage-2 step the prompt, image, t and ε), so
@@ -157,9 +157,10 @@ def ref_images(pipe, prompts: list[str], hp: A.Hparams, seed: int, device) -> to
         for t in sched.timesteps:
             e_u, e_c = unet(sched.scale_model_input(torch.cat([x, x]), t), t, encoder_hidden_states=context).sample.chunk(2)
             x = sched.step(e_u + hp.data_guidance * (e_c - e_u), t, x).prev_sample
-        if hp.vae_roundtrip:
-            sf = pipe.vae.config.scaling_factor
-            x = pipe.vae.encode(pipe.vae.decode(x / sf).sample).latent_dist.mean * sf
+        if hp.vae_roundtrip:          # the spec's "VAE latents of the generated images" (the 8-bit picture)
+            vae, sf = pipe.vae, pipe.vae.config.scaling_factor
+            pixels = ((vae.decode(x / sf).sample.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+            x = vae.encode(pixels / 127.5 - 1).latent_dist.mean * sf
         out.append(x[0].float())
     return torch.stack(out)
 

@@ -19,7 +19,7 @@ Every run trains one membrane per concept (``--concepts``, comma-separated) for 
 * ``fp32`` — ``baselines.spm.train`` with the same settings (``concepts_per_step`` 1: membranes one after
   the other; CFG 1 calls as single conditional rows; the off passes in one batch, the on passes in another).
 * ``batched`` — ``concepts_per_step`` = the number of concepts: all membranes in one batch (other draws).
-* ``autocast`` / ``batched+autocast`` — the same with ``autocast`` (``--autocast``: the gradient-free passes).
+* ``autocast`` / ``batched+autocast`` — the same with ``autocast`` (``--autocast``: the x_t sampling).
 
 Deviations of the reference from the official file, for a comparable run: torch AdamW in fp32 (AdamW8bit
 needs bitsandbytes and CUDA), diffusers' SDPA attention (official: xformers), and every random draw —
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the official 256-448 buckets; auto = on from 128 px")
     ap.add_argument("--anchor-set", default="drawn", choices=["drawn", "official"])
     ap.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
-                    help="adds the autocast runs (the trainer's autocast of the gradient-free passes)")
+                    help="adds the autocast runs (the trainer's autocast of the x_t sampling)")
     ap.add_argument("--runs", default=None, help=f"comma-separated subset of {', '.join(RUNS)} "
                     "(default: reference,fp32,batched, plus the autocast runs with --autocast)")
     ap.add_argument("--seed", type=int, default=0)
