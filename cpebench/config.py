@@ -623,6 +623,11 @@ def scoring_only(key_diff: str) -> bool:
     return key_diff.startswith("task.metrics.") or key_diff.startswith("task.metrics:")
 
 
+def _unset(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (str, Mapping, list, tuple)) and not value) \
+        or value == "<absent>"
+
+
 def config_differences(old: Mapping, new: Mapping, ignore: tuple = OPERATIONAL_KEYS) -> list[str]:
     """Human-readable list of keys whose values differ (operational keys ignored)."""
     a, b = flatten(old), flatten(new)
@@ -631,9 +636,10 @@ def config_differences(old: Mapping, new: Mapping, ignore: tuple = OPERATIONAL_K
         if any(key == i or key.startswith(i + ".") for i in ignore):
             continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        # an empty mapping equals an absent key: a field added later with an empty default (e.g.
-        # method.concepts) must not make earlier run directories "different"
-        if va != vb and not (va in ("<absent>", {}) and vb in ("<absent>", {})):
+        # an empty default equals an absent key: a field added later (task.erase_each, a prompt set's path,
+        # method.concepts) defaults to what runs did before it existed, so it must not make earlier run
+        # directories "different"
+        if va != vb and not (_unset(va) and _unset(vb)):
             diffs.append(f"{key}: {va!r} -> {vb!r}")
     return diffs
 

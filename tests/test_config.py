@@ -502,6 +502,12 @@ def test_config_differences_ignores_operational_keys(real_bench):
     # a key present on one side only is reported as absent
     d = dict(c, extra={"k": 1})
     assert "extra.k: '<absent>' -> 1" in config_differences(c, d)
+    # a field added later with an empty default (what earlier runs did) does not make them different,
+    # one set to a value does
+    old = {**a, "task": {k: v for k, v in a["task"].items() if k not in ("erase_each", "erase_as")}}
+    assert config_differences(old, a) == []
+    assert config_differences(old, {**a, "task": {**a["task"], "erase_each": True}}) == [
+        "task.erase_each: '<absent>' -> True"]
     # nothing is ignored when asked not to
     assert any(x.startswith("run.batch_size: ") for x in config_differences(a, b, ignore=()))
 
