@@ -46,7 +46,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,9 @@ from cpebench.attention import ContextBatch, ContextEdit, KVEdit, context_edit, 
 from cpebench.errors import ConfigError, DataError
 from cpebench.methods import Artifact, Concept, EraseContext, Method
 from cpebench.methods.closed_form import weight_metadata
-from cpebench.methods.common import (PROJECTIONS, check_base_kv, check_non_negative, encode_texts,
-                                     erase_inputs, load_state, parse_hparams, save_state, text_list)
+from cpebench.methods.common import (PROJECTIONS, CheckedHparams, check_at_least_one, check_base_kv, check_choices,
+                                     check_non_negative, encode_texts, erase_inputs, load_state, save_state,
+                                     text_list)
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,11 @@ CF_MODES = ("ls", "diag_q")
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/ace.yaml (per-task values and their sources are there). Every value is a cpebench
     [proposed] choice of spec v1: the paper's values could not be read."""
+
+    method_name: ClassVar[str] = "ace"
 
     # prompts (docs/methods/ace.md)
     templates: Any = ("a photo of the concept",)   # erase templates (the bare concept is always added): list or {file, column}
@@ -122,24 +125,16 @@ class Hparams:
     stats_batch: int = 16
     save_every: int = 50                # operational: stage-2 state every N steps
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        return parse_hparams(cls, d, "ace")
-
     def check(self, method: str) -> None:
         from cpebench.engine import SCHEDULERS
 
-        for key, value, choices in (("cf_mode", self.cf_mode, CF_MODES), ("data_scheduler", self.data_scheduler, SCHEDULERS)):
-            if value not in choices:
-                raise ConfigError(f"{method}: hparams.{key} must be one of {', '.join(choices)}, got {value!r}")
+        check_choices(method, self, {"cf_mode": CF_MODES, "data_scheduler": SCHEDULERS})
         unknown = [r for r in self.variant_rules if r not in VARIANT_RULES]
         if unknown:
             raise ConfigError(f"{method}: hparams.variant_rules: unknown rule(s) {', '.join(map(repr, unknown))}; "
                               f"choose from {', '.join(VARIANT_RULES)}")
-        for key in ("n_images", "data_steps", "cf_iters", "stats_timesteps", "erase_batch", "data_batch", "stats_batch",
-                    "save_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{method}: hparams.{key} must be >= 1, got {getattr(self, key)}")
+        check_at_least_one(method, self, ("n_images", "data_steps", "cf_iters", "stats_timesteps", "erase_batch",
+                                          "data_batch", "stats_batch", "save_every"))
         check_non_negative(method, steps=self.steps, lr=self.lr, retain_batch=self.retain_batch, alpha=self.alpha,
                            lambda_rel=self.lambda_rel, lambda_p=self.lambda_p, grad_clip=self.grad_clip,
                            retain_nearest=self.retain_nearest, data_guidance=self.data_guidance)

@@ -54,16 +54,17 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from cpebench.attention import ContextBatch, ContextEdit, context_edit
 from cpebench.errors import ConfigError, DataError
-from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, hparams_from_dict,
-                              read_safetensors, weight_checksum)
-from cpebench.methods.common import (concept_names, cosine_with_restarts, encode_texts, load_state, restore_training,
+from cpebench.methods import (Artifact, Concept, EraseContext, Method, checksums_agree, read_safetensors,
+                              weight_checksum)
+from cpebench.methods.common import (CheckedHparams, check_at_least_one, check_choices, check_non_negative,
+                                     concept_names, cosine_with_restarts, encode_texts, load_state, restore_training,
                                      save_state, text_list, training_tensors)
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,10 @@ INFERENCE_KEYS = ("matching", "multiplier", "facilitate_factor", "ft_scaling", "
 
 
 @dataclass(frozen=True)
-class Hparams:
+class Hparams(CheckedHparams):
     """benchmarks/methods/spm.yaml (per-task values and their sources are there)."""
+
+    method_name: ClassVar[str] = "spm"
 
     # the membrane
     rank: int = 1
@@ -114,30 +117,19 @@ class Hparams:
     ft_scaling: str = "squared"         # squared (official: m² ΔW) | linear (m ΔW)
     ft_combine: str = "separate"        # separate (Σ m_k^p ΔW_k) | summed (official: one membrane, cross terms)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Hparams:
-        hp = cls(**hparams_from_dict(cls, d, "spm"))
-        hp.check()
-        return hp
-
-    def check(self) -> None:
-        choices = {"membranes": ("per_concept", "shared"), "anchor_set": ("drawn", "official"),
-                   "autocast": tuple(AUTOCAST), "matching": MATCHINGS, "ft_scaling": ("squared", "linear"),
-                   "ft_combine": ("separate", "summed")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"spm: hparams.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        for key in ("rank", "iterations", "anchors", "concepts_per_step", "save_every", "lr_cycles"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"spm: hparams.{key} must be >= 1, got {getattr(self, key)}")
+    def check(self, method: str) -> None:
+        check_choices(method, self, {"membranes": ("per_concept", "shared"), "anchor_set": ("drawn", "official"),
+                                     "autocast": tuple(AUTOCAST), "matching": MATCHINGS,
+                                     "ft_scaling": ("squared", "linear"), "ft_combine": ("separate", "summed")})
+        check_at_least_one(method, self, ("rank", "iterations", "anchors", "concepts_per_step", "save_every",
+                                          "lr_cycles"))
         if self.max_denoising_steps < 2 or self.max_denoising_steps > 1000:
-            raise ConfigError(f"spm: hparams.max_denoising_steps must be in 2..1000, got {self.max_denoising_steps}")
+            raise ConfigError(f"{method}: hparams.max_denoising_steps must be in 2..1000, got {self.max_denoising_steps}")
         for key in ("lr", "alpha"):
             if not getattr(self, key) > 0:
-                raise ConfigError(f"spm: hparams.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("weight_decay", "lr_warmup_steps", "la_strength", "facilitate_factor"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"spm: hparams.{key} must be >= 0, got {getattr(self, key)}")
+                raise ConfigError(f"{method}: hparams.{key} must be > 0, got {getattr(self, key)}")
+        check_non_negative(method, **{k: getattr(self, k) for k in ("weight_decay", "lr_warmup_steps", "la_strength",
+                                                                    "facilitate_factor")})
         if self.resolution is not None and self.resolution < 8:
             raise ConfigError(f"spm: hparams.resolution must be >= 8 pixels, got {self.resolution}")
         if self.ft_scaling == "linear" and self.ft_combine == "summed":
@@ -777,9 +769,6 @@ class SPM(Method):
     def apply(self, pipe, artifact: Artifact):
         return context_edit(pipe.unet, self.edit_for(pipe, artifact))
 
-    def load_artifact(self, path: str | Path) -> Artifact:
-        """A cpebench artifact folder, or released SPM weights (``load_official``)."""
-        path = Path(path)
-        if path.is_dir() and (path / "artifact.json").exists():
-            return super().load_artifact(path)
+    def load_release(self, path: Path) -> Artifact:
+        """Released SPM weights (``load_official``)."""
         return load_official(path)
