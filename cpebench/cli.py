@@ -149,6 +149,14 @@ def cmd_attack(args) -> int:
               f"{settings.generations} generations); score them with `cpebench run --task nudity-attacks --sets "
               "ringabell_found prompt_sets.ringabell_found.path=<attack dir>/found_prompts.csv`")
         return 0
+    if args.attack == "cce":
+        from .attack import run_cce
+
+        card = run_cce(cfg, steps=args.steps, progress=not args.quiet)
+        r = card["asr"]
+        print(f"cce on {cfg.method.name}/{cfg.task.name} ({card['target']['concept']}): pre-ASR {r['pre_asr']:.2f} %, "
+              f"post-ASR {r['post_asr']:.2f} % (n={int(r['n'])}, {card['settings']['steps']} inversion steps)")
+        return 0
     if args.attack != "unlearndiffatk":
         raise CpebenchError(f"--attack {args.attack!r}: known attacks: {', '.join(ATTACKS)}")
     settings = U.Settings(k=target_of(cfg)[1].k)
@@ -363,10 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_erase)
     p = sub.add_parser("attack", help="attack the method's erased model (resumable per prompt): found prompts + ASR")
     _add_run_args(p)
-    p.add_argument("--attack", required=True, help="attack name: unlearndiffatk | ringabell")
+    p.add_argument("--attack", required=True, help="attack name: unlearndiffatk | ringabell | cce")
     p.add_argument("--blocks", type=int, help="first N of the attack's 50 timestep blocks (default: all)")
     p.add_argument("--iterations", type=int, help="Adam steps per block (default: the attack's, 40)")
     p.add_argument("--generations", type=int, help="ringabell: generations of the search (default 3000)")
+    p.add_argument("--steps", type=int, help="cce: textual-inversion steps (default 5000)")
     p.set_defaults(func=cmd_attack)
     p = sub.add_parser("score", help="score run directories (resumable) and write summary.json")
     p.add_argument("run_dirs", nargs="+")
