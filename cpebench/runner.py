@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -323,9 +324,20 @@ def _human(seconds: float) -> str:
 def task_concepts(cfg: RunConfig) -> list[str]:
     """The concepts to erase: the method's own list for the task (its YAML ``concepts:``, what its paper
     code erases there) if it has one, else the task's (``own_task_concepts``). Concepts given on the
-    command line have already replaced both (``config.without_method_concepts``)."""
+    command line have already replaced both (``config.without_method_concepts``). A task that erases as
+    another (``erase_as``) takes the method's list for that task only when it erases that task's concepts
+    (nudity-attacks); with concepts of its own (harm-attacks: violence) it erases those."""
     entry = cfg.method.concepts.get(cfg.task.method_task)
+    if entry and cfg.task.erase_as and tuple(cfg.task.concepts) != _task_concepts_of(cfg.task.erase_as):
+        entry = None
     return list(entry["names"]) if entry else own_task_concepts(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _task_concepts_of(task: str) -> tuple:
+    from .config import load_task
+
+    return tuple(load_task(task)[0].concepts)
 
 
 def own_task_concepts(cfg: RunConfig) -> list[str]:
@@ -360,6 +372,8 @@ def paper_concepts(cfg: RunConfig) -> dict | None:
     from .config import load_method_config
 
     task = cfg.task.method_task
+    if cfg.task.erase_as and tuple(cfg.task.concepts) != _task_concepts_of(cfg.task.erase_as):
+        return None         # concepts of its own: the method's paper list is another task's
     return cfg.method.concepts.get(task) or load_method_config(cfg.method.name).concepts.get(task)
 
 
