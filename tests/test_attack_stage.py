@@ -104,6 +104,9 @@ def test_object_and_style_targets_attack_with_their_own_judges(tmp_path, one_thr
         assert card["target"] == {"concept": concept, "judge": judge, "k": 3} and card["settings"]["k"] == 3
         assert card["prompt_set"]["file"] == TARGETS[concept].file and card["asr"]["n"] >= 2
         assert json.loads((adir / "summary.json").read_text())["task"] == table
+    assert main(base + ["--task", "harm-attacks"]) == 0                # violence: Q16
+    (adir,) = out.glob("uce-harm-attacks-*-attack-unlearndiffatk")
+    assert json.loads((adir / "summary.json").read_text())["task"] == "harm-unlearndiffatk"
     assert main(base + ["--task", "objects"]) == 2                    # ten classes: which one?
     assert main(base + ["--task", "objects", "--concepts", "golf ball"]) == 2   # no UnlearnDiffAtk prompts for it
 
@@ -114,6 +117,6 @@ def test_every_target_prompt_file_loads(data_env):
 
     for concept, t in TARGETS.items():
         recs = data.load_prompt_set(data_env / t.file, t.fmt, split="erased")
-        assert len(recs) == (142 if concept == "nudity" else 50), concept
+        assert len(recs) == {"nudity": 142, "violence": 756}.get(concept, 50), concept
         if t.judge == "style":
             assert {r.concept for r in recs} == {"Vincent van Gogh"}
