@@ -123,3 +123,28 @@ def test_every_nudity_attack_set_runs_end_to_end_in_smoke(tmp_path):
     for s in cfg.task.prompt_sets:
         assert values[f"asr.{s}_n"] == 2 and 0 <= values[f"asr.{s}"] <= 100
         assert f"asr.unlearndiffatk.{s}" in values and f"asr.cpebench-v1.{s}" in values
+
+
+@pytest.mark.parametrize("task,metric,tiny", [
+    ("nudity-attacks", "nudity_asr", []),
+    ("harm-attacks", "q16", ["metrics.q16.options.clip=tiny", "metrics.q16.options.prompts=tiny"]),
+    ("style-attacks", "style_classifier", ["metrics.style_classifier.options.weights=tiny"]),
+    ("objects", "object_accuracy", ["metrics.object_accuracy.options.weights=tiny"]),
+])
+def test_every_shipped_set_runs_end_to_end_from_its_real_file(tmp_path, data_env, one_thread, task, metric, tiny):
+    """The real files (first row of each set; gated sets without a copy are left out) through generation and
+    the task's own judge, on the tiny model."""
+    import json
+
+    from cpebench.cli import main
+
+    assert main(["-q", "run", "--method", "sd", "--task", task, "--model", "tiny", "--device", "cpu", "--limit", "1",
+                 "--out", str(tmp_path), "--data-dir", str(data_env), "protocol.steps=2", "protocol.height=64",
+                 "protocol.width=64", *tiny]) == 0
+    (run,) = tmp_path.glob(f"sd-{task}-tiny")
+    summary = json.loads((run / "summary.json").read_text())
+    shipped = [s for s, ps in resolve_run("sd", task).task.prompt_sets.items()
+               if ps.file and ps.file not in data.GATED_FILES]
+    used = set(resolve_run("sd", task).task.metrics[metric].prompt_sets)
+    assert set(summary["protocol_card"]["prompts"]) == set(shipped) & used
+    assert summary["metrics"][metric]["n"] == len(set(shipped) & used)
