@@ -327,10 +327,14 @@ def task_concepts(cfg: RunConfig) -> list[str]:
     command line have already replaced both (``config.without_method_concepts``). A task that erases as
     another (``erase_as``) takes the method's list for that task only when it erases that task's concepts
     (nudity-attacks); with concepts of its own (harm-attacks: violence) it erases those."""
-    entry = cfg.method.concepts.get(cfg.task.method_task)
-    if entry and cfg.task.erase_as and tuple(cfg.task.concepts) != _task_concepts_of(cfg.task.erase_as):
-        entry = None
+    entry = None if erases_own_concepts(cfg) else cfg.method.concepts.get(cfg.task.method_task)
     return list(entry["names"]) if entry else own_task_concepts(cfg)
+
+
+def erases_own_concepts(cfg: RunConfig) -> bool:
+    """A task that erases as another (``erase_as``) but names concepts of its own (style-attacks: Van Gogh
+    with the artist recipe): a method's paper list for the other task does not apply."""
+    return bool(cfg.task.erase_as) and tuple(cfg.task.concepts) != _task_concepts_of(cfg.task.erase_as)
 
 
 @functools.lru_cache(maxsize=None)
@@ -372,8 +376,8 @@ def paper_concepts(cfg: RunConfig) -> dict | None:
     from .config import load_method_config
 
     task = cfg.task.method_task
-    if cfg.task.erase_as and tuple(cfg.task.concepts) != _task_concepts_of(cfg.task.erase_as):
-        return None         # concepts of its own: the method's paper list is another task's
+    if erases_own_concepts(cfg):
+        return None
     return cfg.method.concepts.get(task) or load_method_config(cfg.method.name).concepts.get(task)
 
 
