@@ -245,14 +245,14 @@ def run_attack(cfg: RunConfig, attack: str, *, settings=None, progress: bool = T
         "asr": rates, "cpebench": {"version": provenance.code_version()},
     }
     (out / "attack.json").write_text(json.dumps(card, indent=2, default=str))
-    summary = attack_summary(cfg, out, card, target)
+    summary = attack_summary(cfg, out, card, target.table)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
     return card
 
 
-def attack_summary(cfg: RunConfig, out: Path, card: dict, target: Target, metric: str = "unlearndiffatk") -> dict:
-    """The attack's pre-/post-ASR as a run summary of the target's table (UnlearnDiffAtk's: beside its
-    leaderboard's reported rows, in their columns), so ``cpebench table``/``leaderboard`` list it."""
+def attack_summary(cfg: RunConfig, out: Path, card: dict, table: str, metric: str = "unlearndiffatk") -> dict:
+    """The attack's pre-/post-ASR (``card``: its attack.json) as a run summary of ``table`` (UnlearnDiffAtk's
+    beside its leaderboard's reported rows, in their columns), so ``cpebench table``/``leaderboard`` list it."""
     from .metrics import Column
     from .runner import _now
 
@@ -265,9 +265,9 @@ def attack_summary(cfg: RunConfig, out: Path, card: dict, target: Target, metric
     protocol_card = {"protocol": metric, "model": card["target_model"]["base_model"],
                      "method": {"name": cfg.method.name, "artifact_sha256": card["target_model"]["artifact_sha256"],
                                 "task": cfg.task.name},
-                     "prompts": card["prompt_set"], "evaluation": card["evaluation"], "targets": card["targets"],
-                     "deviation": card["deviation"], "cpebench": card["cpebench"]}
-    return {"task": target.table, "method": cfg.method.name, "model": cfg.protocol.model, "preset": cfg.preset,
+                     **{k: card[k] for k in ("prompt_set", "training_images", "evaluation", "targets", "deviation")
+                        if k in card}, "cpebench": card["cpebench"]}
+    return {"task": table, "method": cfg.method.name, "model": cfg.protocol.model, "preset": cfg.preset,
             "run": out.name, "created": _now(), "metrics": {metric: result}, "protocol_card": protocol_card,
             "config": cfg.to_dict()}
 
@@ -451,12 +451,11 @@ def run_cce(cfg: RunConfig, *, settings=None, steps: int | None = None, progress
                        "scheduler": cfg.protocol.scheduler, "steps": cfg.protocol.steps, "guidance": cfg.protocol.guidance},
         "loss_first": inv.losses[0] if inv.losses else None, "loss_last": inv.losses[-1] if inv.losses else None,
         "asr": {"pre_asr": rates["pre"], "post_asr": rates["post"], "n": float(n)},
+        "deviation": "cpebench's templates and training images, seeded, fp32 (attacks/cce.py)",
         "cpebench": {"version": provenance.code_version()},
     }
     (out / "attack.json").write_text(json.dumps(card, indent=2, default=str))
     table = {"nudity": "nudity-cce", "object": "objects-cce", "style": "style-cce", "harm": "harm-cce"}[target.judge]
-    summary = attack_summary(cfg, out, {**card, "deviation": "see attacks/cce.py", "prompt_set": card["evaluation"],
-                                        "targets": card["training_images"]},
-                             dataclasses.replace(target, table=table), metric="cce")
+    summary = attack_summary(cfg, out, card, table, metric="cce")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
     return card
