@@ -103,3 +103,26 @@ def data_env(shared_data, monkeypatch):
     """The shared data files, also as $CPEBENCH_DATA (for code that finds them on its own)."""
     monkeypatch.setenv("CPEBENCH_DATA", str(shared_data))
     return shared_data
+
+
+@pytest.fixture
+def kill_at(monkeypatch):
+    """``calls = kill_at(module, "train_step", 3)``: the 3rd call of ``module.train_step`` raises
+    KeyboardInterrupt, as a kill mid-training would; ``calls["n"]`` counts every call (reset it to count a
+    resumed run's), ``calls["at"] = None`` keeps counting without the kill, ``calls["restore"]()`` puts the
+    real function back."""
+
+    def arm(owner, name: str, at: int) -> dict:
+        real, calls = getattr(owner, name), {"n": 0, "at": at}
+
+        def dying(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["at"]:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, dying)
+        calls["restore"] = lambda: monkeypatch.setattr(owner, name, real)
+        return calls
+
+    return arm

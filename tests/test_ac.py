@@ -307,22 +307,13 @@ def test_artifact_from_another_base_model_is_refused(tiny, trained):
         AC().apply(tiny.pipe, bad)
 
 
-def test_resumed_training_gives_the_same_weights(tiny, tmp_path, monkeypatch):
+def test_resumed_training_gives_the_same_weights(tiny, tmp_path, kill_at):
     hp = {**SMALL, "max_steps": 4, "save_every": 1}
     whole = erase(tiny.pipe, hp, workdir=tmp_path / "a")
-    calls = {"n": 0}
-    real = ac.train_step
-
-    def killed(trainer):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(trainer)
-
-    monkeypatch.setattr(ac, "train_step", killed)
+    calls = kill_at(ac, "train_step", 3)
     with pytest.raises(KeyboardInterrupt):
         erase(tiny.pipe, hp, workdir=tmp_path / "b")
-    monkeypatch.setattr(ac, "train_step", real)
+    calls["restore"]()
     resumed = erase(tiny.pipe, hp, workdir=tmp_path / "b")
     assert set(resumed.tensors) == set(whole.tensors)
     assert all(torch.equal(resumed.tensors[k], whole.tensors[k]) for k in whole.tensors)

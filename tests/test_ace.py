@@ -379,25 +379,16 @@ def test_each_concept_of_a_joint_stage2_trains_exactly_as_alone(pipe):
         assert any(not torch.equal(g[c], start[n][c]) for n, g in joint.items())    # it trained
 
 
-def test_training_resumes_from_the_workdir_with_identical_gates(pipe, tmp_path, monkeypatch):
+def test_training_resumes_from_the_workdir_with_identical_gates(pipe, tmp_path, kill_at):
     """Two concepts (their own Adam states and generators) and train_mask (τ, T in the state)."""
     hp = {**HP, "steps": 2, "save_every": 2, "train_mask": True}
     two = [Concept(n) for n in TWO]
     straight = ACE().erase(pipe, two, hp, EraseContext(progress=False))
-    calls = {"n": 0}
-    real = ace.train_step
-
-    def killed(trainer):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(trainer)
-
-    monkeypatch.setattr(ace, "train_step", killed)
+    calls = kill_at(ace, "train_step", 3)
     with pytest.raises(KeyboardInterrupt):
         ACE().erase(pipe, two, hp, EraseContext(progress=False, workdir=tmp_path))
     assert (tmp_path / ace.STATE_FILE).exists() and (tmp_path / ace.DATA_FILE).exists()
-    monkeypatch.setattr(ace, "train_step", real)
+    calls["restore"]()
     resumed = ACE().erase(pipe, two, hp, EraseContext(progress=False, workdir=tmp_path))
     assert resumed.sha256 == straight.sha256                # same seed, same gates: also the determinism check
     assert resumed.metadata["ace"]["stage2"] == straight.metadata["ace"]["stage2"]

@@ -354,26 +354,17 @@ def test_released_formats_load(pipe, trained, tmp_path):
         AdvUnlearn().load_artifact(tmp_path / "other.pt")
 
 
-def test_killed_training_resumes_with_identical_weights(pipe, tmp_path, monkeypatch):
+def test_killed_training_resumes_with_identical_weights(pipe, tmp_path, kill_at):
     hp = {"iterations": 5, "save_every": 2, "attack_init": "latest"}
     reference = erase(pipe, hp)
-    real, calls = advunlearn.train_step, {"n": 0}
-
-    def dies_at_step_4(tr):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(tr)
-
-    monkeypatch.setattr(advunlearn, "train_step", dies_at_step_4)
+    calls = kill_at(advunlearn, "train_step", 4)
     ctx = EraseContext(progress=False, workdir=tmp_path / "state")
     snap = snapshot(pipe.unet)
     with pytest.raises(KeyboardInterrupt):
         erase(pipe, hp, ctx=ctx)
     assert_unchanged(pipe.unet, snap)                     # grad flags restored even when killed
     assert (tmp_path / "state" / advunlearn.STATE_FILE).exists()
-    calls["n"] = 0
-    monkeypatch.setattr(advunlearn, "train_step", lambda tr: calls.__setitem__("n", calls["n"] + 1) or real(tr))
+    calls.update(n=0, at=None)                            # count the resumed run's steps, no kill
     resumed = erase(pipe, hp, ctx=ctx)
     assert calls["n"] == 3                                # iterations 3, 4, 5 after the state of iteration 2
     for k, v in reference.tensors.items():

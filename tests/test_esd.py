@@ -199,26 +199,17 @@ def test_ddim_step_is_diffusers_ddim_with_eta_0():
 # --------------------------------------------------------------------------- resume, precision
 
 
-def test_killed_training_resumes_with_identical_weights(pipe, tmp_path, monkeypatch):
+def test_killed_training_resumes_with_identical_weights(pipe, tmp_path, kill_at):
     hp = {"iterations": 5, "save_every": 2}
     reference = erase(ESDx(), pipe, hp)
-    real, calls = esd.train_step, {"n": 0}
-
-    def dies_at_step_4(trainer):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(trainer)
-
-    monkeypatch.setattr(esd, "train_step", dies_at_step_4)
+    calls = kill_at(esd, "train_step", 4)
     ctx = EraseContext(progress=False, workdir=tmp_path / "state")
     snap = snapshot(pipe.unet)
     with pytest.raises(KeyboardInterrupt):
         erase(ESDx(), pipe, hp, ctx=ctx)
     assert_unchanged(pipe.unet, snap)                  # restored even when killed
     assert (tmp_path / "state" / esd.STATE_FILE).exists()
-    calls["n"] = 0
-    monkeypatch.setattr(esd, "train_step", lambda trainer: calls.__setitem__("n", calls["n"] + 1) or real(trainer))
+    calls.update(n=0, at=None)                            # count the resumed run's steps, no kill
     resumed = erase(ESDx(), pipe, hp, ctx=ctx)
     assert calls["n"] == 3                              # steps 3, 4, 5: resumed after the state of step 2
     assert set(resumed.tensors) == set(reference.tensors)

@@ -325,26 +325,17 @@ def test_autocast_speeds_up_the_sampling_only_and_the_anchor_loss_stays_at_the_f
     assert float(anchor_b) < 1e-12
 
 
-def test_killed_training_resumes_with_identical_weights(pipe, tmp_path, monkeypatch):
+def test_killed_training_resumes_with_identical_weights(pipe, tmp_path, kill_at):
     hp = {"iterations": 4, "save_every": 2}
     reference = erase(pipe, hp)
-    real, calls = Trainer.step, {"n": 0}
-
-    def dies_at_step_3(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "step", dies_at_step_3)
+    calls = kill_at(Trainer, "step", 3)
     ctx = EraseContext(progress=False, workdir=tmp_path / "state")
     snap = snapshot(pipe.unet)
     with pytest.raises(KeyboardInterrupt):
         erase(pipe, hp, ctx=ctx)
     assert_unchanged(pipe.unet, snap)
     assert (tmp_path / "state" / spm.STATE_FILE.format(0)).exists()
-    calls["n"] = 0
-    monkeypatch.setattr(Trainer, "step", lambda self: calls.__setitem__("n", calls["n"] + 1) or real(self))
+    calls.update(n=0, at=None)                            # count the resumed run's steps, no kill
     resumed = erase(pipe, hp, ctx=ctx)
     assert calls["n"] == 2                                      # steps 3 and 4, after the state of step 2
     assert set(resumed.tensors) == set(reference.tensors)
