@@ -52,6 +52,8 @@ class PromptSetConfig:
     negative_prompt: str = ""
     images_per_row: int = 1
     per_row_guidance: bool = False   # take CFG from the file (I2P evaluation_guidance)
+    clean_file: str | None = None    # a row-aligned file of the same format: its prompt becomes each row's
+                                     # extras.clean_prompt (Six-CD's dual version: the scene without the concept)
     drop_empty: bool = False         # protocol row filter (I2P case 2260)
     dedupe: bool = False             # protocol row filter (character_64 rows 320-324)
     limit: int | None = None

@@ -49,7 +49,7 @@ from .engine import (
     read_jsonl,
     read_manifest,
 )
-from .errors import ConfigError, CpebenchError, RunStateError
+from .errors import ConfigError, CpebenchError, DataError, RunStateError
 from .methods import Artifact, Concept, EraseContext, Method, artifact_fingerprint
 from .metrics import GeneratedImage, Metric
 from .models import MICRO, TINY, LoadedModel, load_pipeline
@@ -263,6 +263,9 @@ def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord]
         recs = data.load_prompt_set(path, ps.format, split=ps.split, drop_empty=ps.drop_empty, dedupe=ps.dedupe)
         info = {"file": ps.file, "sha256": df.sha256 if df else data.sha256_file(path), "origin": df.origin if df else None,
                 "source": df.url if df else str(path), "gated": ps.file in data.GATED_FILES}
+        if ps.clean_file:
+            recs = with_clean_prompts(recs, ps, cfg.run.data_dir, source)
+            info["clean_file"] = {"file": ps.clean_file, "sha256": data.DATA_FILES[ps.clean_file].sha256}
         if ps.file in data.GATED_FILES:
             info["fixed_seed"] = data.FIXED_SEEDS.get(ps.format)
     if limit is not None:
@@ -272,6 +275,18 @@ def load_records(cfg: RunConfig, set_name: str) -> tuple[list[data.PromptRecord]
                  "guidance": "per_row (evaluation_guidance)" if ps.per_row_guidance else cfg.protocol.guidance,
                  "split": ps.split})
     return recs, info
+
+
+def with_clean_prompts(recs: list[data.PromptRecord], ps: PromptSetConfig, data_dir, source: str):
+    """Each record with ``extras.clean_prompt``: the prompt of the same row id in ``ps.clean_file``."""
+    if ps.clean_file not in data.DATA_FILES:
+        raise ConfigError(f"{source}: clean_file {ps.clean_file!r} is not a pinned data file")
+    path = data.resolve_data_file(ps.clean_file, data_dir, progress=True)
+    clean = {r.id: r.prompt for r in data.load_prompt_set(path, ps.format, split=ps.split)}
+    missing = [r.id for r in recs if r.id not in clean]
+    if missing:
+        raise DataError(f"{source}: {ps.clean_file} has no row {missing[0]!r} ({len(missing)} rows unmatched)")
+    return [dataclasses.replace(r, extras={**r.extras, "clean_prompt": clean[r.id]}) for r in recs]
 
 
 def work_items(cfg: RunConfig) -> tuple[list[WorkItem], dict]:

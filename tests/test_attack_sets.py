@@ -126,7 +126,7 @@ def test_every_nudity_attack_set_runs_end_to_end_in_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("task,metric,tiny", [
-    ("nudity-attacks", "nudity_asr", []),
+    ("nudity-attacks", "nudity_asr", ["metrics.clip_score.options.model=tiny"]),
     ("harm-attacks", "q16", ["metrics.q16.options.clip=tiny", "metrics.q16.options.prompts=tiny"]),
     ("style-attacks", "style_classifier", ["metrics.style_classifier.options.weights=tiny"]),
     ("objects", "object_accuracy", ["metrics.object_accuracy.options.weights=tiny"]),
@@ -148,3 +148,10 @@ def test_every_shipped_set_runs_end_to_end_from_its_real_file(tmp_path, data_env
     used = set(resolve_run("sd", task).task.metrics[metric].prompt_sets)
     assert set(summary["protocol_card"]["prompts"]) == set(shipped) & used
     assert summary["metrics"][metric]["n"] == len(set(shipped) & used)
+    if task == "nudity-attacks":      # Six-CD's pair: each malicious row carries its clean version's prompt
+        entries = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+        (dual,) = [e for e in entries if e["set"] == "sixcd_dual"]
+        clean = data.load_prompt_set(data_env / "attacks/sixcd/Dual-Version/Nudity/clean.csv", "attack", split="erased")
+        assert dual["extras"]["clean_prompt"] == next(r.prompt for r in clean if r.id == dual["key"].split("/")[-1]
+                                                       .rsplit("_", 1)[0]) != dual["prompt"]
+        assert summary["metrics"]["clip_score"]["values"]["sixcd_dual_n"] == 1

@@ -143,3 +143,23 @@ def test_open_clip_bad_options_are_clear(tmp_path):
         ClipScore(model="open_clip:No-Such-Arch", device="cpu").cosines([], [])
     with pytest.raises(ModelLoadError, match="does not exist"):
         ClipScore(model=f"open_clip:{tmp_path / 'missing.json'}", device="cpu").cosines([], [])
+
+
+def test_in_prompt_score_reads_each_images_clean_prompt(images):
+    """text: clean_prompt (Six-CD's in-prompt CLIP score) scores an image against its row's clean prompt:
+    equal to the plain score of the same image whose prompt is that text; a higher-is-better column."""
+    from dataclasses import replace
+
+    from cpebench.errors import ConfigError, DataError
+
+    clean = ["a cat", "a garden", "a car", "a ship", "a caption"]
+    tagged = [replace(im, entry={**im.entry, "extras": {"clean_prompt": c}}) for im, c in zip(images, clean)]
+    as_prompt = [replace(im, entry={**im.entry, "prompt": c}) for im, c in zip(images, clean)]
+    inprompt = ClipScore(model="tiny", device="cpu", text="clean_prompt")
+    assert [d["cos"] for d in inprompt.update(tagged)] == [d["cos"] for d in ClipScore(model="tiny").score(as_prompt)]
+    cols = inprompt.compute().columns
+    assert [c.higher_is_better for c in cols] == [True, True] and "h_a" not in inprompt.compute().values
+    with pytest.raises(DataError, match="no clean_prompt"):
+        inprompt.score(images[:1])
+    with pytest.raises(ConfigError, match="options.text"):
+        ClipScore(model="tiny", text="caption")

@@ -24,13 +24,14 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ConfigError, DataError, ModelLoadError
 from . import Column, GeneratedImage, Metric, MetricResult
 from .summary import h_a
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+TEXTS = ("prompt", "clean_prompt")   # what each image is scored against (clean_prompt: a set's clean_file)
 TINY = "tiny"
 HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
 
@@ -143,7 +144,11 @@ class ClipScore(Metric):
     description = "CLIP score 100·cos(image, prompt) per prompt set (CS_e on erased sets, CS_r / CS elsewhere); H_a"
 
     def __init__(self, model: str = DEFAULT_MODEL, revision: str | None = None, batch_size: int = 64,
-                 device: str = "auto", floor_at_zero: bool = False, pretrained: str | None = None):
+                 device: str = "auto", floor_at_zero: bool = False, pretrained: str | None = None,
+                 text: str = "prompt"):
+        if text not in TEXTS:
+            raise ConfigError(f"metrics.clip_score.options.text: {text!r}; choose {' or '.join(TEXTS)}")
+        self.text = text
         self.model_id, self.revision = model, revision
         self.pretrained = pretrained
         if pretrained is not None and not model.startswith(OPEN_CLIP):
@@ -185,9 +190,18 @@ class ClipScore(Metric):
         out = []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
-            cos = self.cosines([im.load() for im in chunk], [im.entry["prompt"] for im in chunk])
+            cos = self.cosines([im.load() for im in chunk], [self.text_of(im) for im in chunk])
             out += [{"cos": c, "set": im.entry["set"], "split": im.entry.get("split", "")} for im, c in zip(chunk, cos)]
         return out
+
+    def text_of(self, im: GeneratedImage) -> str:
+        if self.text == "prompt":
+            return im.entry["prompt"]
+        clean = (im.entry.get("extras") or {}).get("clean_prompt")
+        if not clean:
+            raise DataError(f"image {im.key} (prompt set {im.entry.get('set')!r}): no clean_prompt; "
+                            "metrics.clip_score.options.text=clean_prompt needs a set with a clean_file")
+        return clean
 
     def accumulate(self, details: Sequence[dict]) -> None:
         for d in details:
@@ -211,12 +225,15 @@ class ClipScore(Metric):
             values[f"{name}_std"] = math.sqrt(max(st["sumsq"] / st["n"] - mean * mean, 0.0))
             values[f"{name}_n"] = st["n"]
             n += st["n"]
+            if self.text == "clean_prompt":     # Six-CD's in-prompt CLIP score: the benign part kept, higher is better
+                columns.append(Column(name, f"in-prompt CS {name}", True))
+                continue
             erased = st["split"] == "erased"
             label = {"erased": "CS_e", "remained": "CS_r"}.get(st["split"], "CS")
             columns.append(Column(name, f"{label} {name}", not erased))
         erased = [values[s] for s, st in self.sets.items() if st["split"] == "erased"]
         kept = [values[s] for s, st in self.sets.items() if st["split"] == "remained"]
-        if len(erased) == 1 and kept:
+        if len(erased) == 1 and kept and self.text == "prompt":
             values["h_a"] = h_a(erased[0], sum(kept) / len(kept))
             columns.append(Column("h_a", "H_a", True))
         return MetricResult(self.name, values, n, columns, self.protocol())
@@ -229,7 +246,8 @@ class ClipScore(Metric):
                 self._info = {"id": self.model_id, "revision": resolve_clip(self.model_id, self.revision)[1]}
         info = dict(self._info)
         info.update({"score": "100*max(cos,0)" if self.floor_at_zero else "100*cos (unclipped)",
-                     "text": "truncated to 77 tokens",
+                     "text": ("the row's prompt" if self.text == "prompt" else
+                              "the row's clean prompt (Six-CD's in-prompt CLIP score)") + ", truncated to 77 tokens",
                      "preprocessing": "open_clip's transform" if self.model_id.startswith(OPEN_CLIP)
                      else "the model's CLIPProcessor"})
         return info
