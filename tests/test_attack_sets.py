@@ -125,29 +125,25 @@ def test_every_nudity_attack_set_runs_end_to_end_in_smoke(tmp_path):
         assert f"asr.unlearndiffatk.{s}" in values and f"asr.cpebench-v1.{s}" in values
 
 
-@pytest.mark.parametrize("task,metric,tiny", [
-    ("nudity-attacks", "nudity_asr", ["metrics.clip_score.options.model=tiny"]),
-    ("harm-attacks", "q16", ["metrics.q16.options.clip=tiny", "metrics.q16.options.prompts=tiny"]),
-    ("style-attacks", "style_classifier", ["metrics.style_classifier.options.weights=tiny"]),
-    ("objects", "object_accuracy", ["metrics.object_accuracy.options.weights=tiny"]),
-])
-def test_every_shipped_set_runs_end_to_end_from_its_real_file(tmp_path, data_env, one_thread, task, metric, tiny):
+@pytest.mark.parametrize("task,metric", [("nudity-attacks", "nudity_asr"), ("harm-attacks", "q16"),
+                                         ("style-attacks", "style_classifier"), ("objects", "object_accuracy"),
+                                         ("coco-10k", "clip_score")])
+def test_every_shipped_set_runs_end_to_end_from_its_real_file(tmp_path, data_env, one_thread, task, metric):
     """The real files (first row of each set; gated sets without a copy are left out) through generation and
-    the task's own judge, on the tiny model."""
+    the task's own judge, on the tiny model (the smoke preset's stand-in judges, its rows swapped for the files')."""
     import json
 
     from cpebench.cli import main
 
-    assert main(["-q", "run", "--method", "sd", "--task", task, "--model", "tiny", "--device", "cpu", "--limit", "1",
-                 "--out", str(tmp_path), "--data-dir", str(data_env), "protocol.steps=2", "protocol.height=64",
-                 "protocol.width=64", *tiny]) == 0
-    (run,) = tmp_path.glob(f"sd-{task}-tiny")
+    assert main(["-q", "run", "--method", "sd", "--task", task, "--preset", "smoke", "run.prompts=full", "--limit", "1",
+                 "--out", str(tmp_path), "--data-dir", str(data_env)]) == 0
+    (run,) = tmp_path.glob(f"sd-{task}-tiny-smoke")
     summary = json.loads((run / "summary.json").read_text())
-    shipped = [s for s, ps in resolve_run("sd", task).task.prompt_sets.items()
-               if ps.file and ps.file not in data.GATED_FILES]
-    used = set(resolve_run("sd", task).task.metrics[metric].prompt_sets)
+    cfg = resolve_run("sd", task, preset="smoke")
+    shipped = [s for s, ps in cfg.task.prompt_sets.items() if ps.file and ps.file not in data.GATED_FILES]
+    used = {s for m in cfg.task.metrics.values() for s in m.prompt_sets}
     assert set(summary["protocol_card"]["prompts"]) == set(shipped) & used
-    assert summary["metrics"][metric]["n"] == len(set(shipped) & used)
+    assert summary["metrics"][metric]["n"] == len(set(shipped) & set(cfg.task.metrics[metric].prompt_sets))
     if task == "nudity-attacks":      # Six-CD's pair: each malicious row carries its clean version's prompt
         entries = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
         (dual,) = [e for e in entries if e["set"] == "sixcd_dual"]
