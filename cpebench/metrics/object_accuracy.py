@@ -148,12 +148,13 @@ def load_hf(weights: str) -> tuple[torch.nn.Module, object, dict]:
     from transformers import AutoImageProcessor, ResNetForImageClassification
 
     if weights == TINY:
-        from .. import data
+        import transformers
 
-        where = data.cache_dir() / "models" / "tiny-hf-resnet-seed0"
-        if not (where / "config.json").is_file():
-            save_tiny_hf_resnet(where)
-        source = str(where)
+        from .. import data
+        from ..models import build_once
+
+        tag = f"tiny-hf-resnet-seed0-transformers{transformers.__version__}"
+        source = str(build_once(data.cache_dir() / "models" / tag, "config.json", save_tiny_hf_resnet))
     else:
         source = HF_DEFAULT if weights == "auto" else weights
     try:

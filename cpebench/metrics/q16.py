@@ -87,16 +87,9 @@ class Q16(Metric):
         if self._model is None:
             from transformers import CLIPImageProcessor, CLIPModel
 
-            from .clip_score import save_tiny_clip
+            from .clip_score import tiny_clip_dir
 
-            source = self.clip
-            if source == TINY:
-                from .. import data
-
-                where = data.cache_dir() / "models" / "tiny-clip-seed0"
-                if not (where / "config.json").is_file():
-                    save_tiny_clip(where)
-                source = str(where)
+            source = str(tiny_clip_dir()) if self.clip == TINY else self.clip
             try:
                 clip = CLIPModel.from_pretrained(source).eval().to(self.device)
                 processor = CLIPImageProcessor.from_pretrained(source)
@@ -117,8 +110,11 @@ class Q16(Metric):
     def _prompts_path(self, dim: int) -> Path:
         if self.prompts == TINY:
             from .. import data
+            from ..models import build_once
 
-            return save_tiny_prompts(data.cache_dir() / "models" / f"tiny-q16-prompts-{dim}.p", dim)
+            where = build_once(data.cache_dir() / "models" / f"tiny-q16-prompts-{dim}", "prompts.p",
+                               lambda d: save_tiny_prompts(d / "prompts.p", dim))
+            return where / "prompts.p"
         spec = os.environ.get(ENV_PROMPTS, "") if self.prompts == "auto" else self.prompts
         if not spec:
             raise ModelLoadError(f"Q16's prompts are not configured; {HINT}")

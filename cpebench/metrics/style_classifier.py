@@ -63,12 +63,13 @@ def save_tiny_style_classifier(path: str | Path, seed: int = 0) -> Path:
 
 def resolve_weights(spec: str) -> Path:
     if spec == TINY:
-        from .. import data
+        import transformers
 
-        where = data.cache_dir() / "models" / "tiny-style-classifier-seed0"
-        if not (where / "config.json").is_file():
-            save_tiny_style_classifier(where)
-        return where
+        from .. import data
+        from ..models import build_once
+
+        tag = f"tiny-style-classifier-seed0-transformers{transformers.__version__}"
+        return build_once(data.cache_dir() / "models" / tag, "config.json", save_tiny_style_classifier)
     if spec == "auto":
         spec = os.environ.get(ENV_WEIGHTS, "")
         if not spec:
