@@ -19,9 +19,9 @@ templates are cpebench's six per property (the example's lists are longer); the 
 the unedited model's images of those templates with the concept's name, one seeded generator per image
 (CCE used SD's pipeline defaults and redrew safety-checker hits); the run is seeded; fp32.
 
-The token is never added to the tokenizer: a prompt's slot is a marker position whose input embedding a
-forward hook replaces by v (the rest of the encoder, positions, causal mask, final LayerNorm, is the
-model's own).
+The token is never added to the tokenizer: a prompt's slot holds ``MARKER`` (a start-of-text id after
+position 0), whose input embedding a forward hook replaces by v (the rest of the encoder, positions,
+causal mask, final LayerNorm, is the model's own), in training and in generation alike.
 """
 
 from __future__ import annotations
@@ -57,39 +57,10 @@ class Settings:
     save_every: int = 250             # steps between saved training states (operational)
 
 
-def slot_ids(tokenizer, templates: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [n, 77] of each template with one marker position at its slot, and that position [n].
-    The marker holds the end-of-text id (any id works: the hook replaces its embedding)."""
-    ids, where = [], []
-    length = tokenizer.model_max_length
-    for t in templates:
-        head, tail = t.split(SLOT)
-        a = tokenizer(head, add_special_tokens=False).input_ids
-        b = tokenizer(tail, add_special_tokens=False).input_ids
-        row = [tokenizer.bos_token_id, *a, tokenizer.eos_token_id, *b, tokenizer.eos_token_id]
-        if len(row) > length:
-            raise ValueError(f"CCE template {t!r} is longer than {length} tokens")
-        where.append(1 + len(a))
-        ids.append(row + [tokenizer.pad_token_id] * (length - len(row)))
-    return torch.tensor(ids), torch.tensor(where)
-
-
-def encode_with_token(text_encoder, ids: torch.Tensor, where: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """The encoder's last hidden states for ``ids`` [B, 77] with the input embedding at ``where`` [B]
-    replaced by ``vector`` [D] (differentiable in ``vector``)."""
-    table = text_encoder.get_input_embeddings()
-    rows = torch.arange(len(ids))
-
-    def swap(module, inputs, output):
-        out = output.clone()
-        out[rows, where] = vector.to(out.dtype)
-        return out
-
-    handle = table.register_forward_hook(swap)
-    try:
-        return text_encoder(ids.to(table.weight.device))[0]
-    finally:
-        handle.remove()
+def marked_ids(tokenizer, templates: Sequence[str]) -> torch.Tensor:
+    """Token ids [n, 77] of each template with ``MARKER`` in its slot (``learned_token`` puts v there)."""
+    return tokenizer([t.replace(SLOT, MARKER) for t in templates], padding="max_length",
+                     max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def initial_vector(pipe, word: str) -> torch.Tensor:
@@ -108,7 +79,7 @@ class Inversion:
 
         self.pipe, self.s, self.device = pipe, settings, torch.device(device)
         self.mean, self.std = (x.to(self.device) for x in posterior)
-        self.ids, self.where = (x.to(self.device) for x in slot_ids(pipe.tokenizer, TEMPLATES[settings.prop]))
+        self.ids = marked_ids(pipe.tokenizer, TEMPLATES[settings.prop]).to(self.device)
         self.vector = initial_vector(pipe, settings.initializer).to(self.device).requires_grad_(True)
         self.opt = torch.optim.AdamW([self.vector], lr=settings.lr, betas=settings.betas,
                                      weight_decay=settings.weight_decay)
@@ -127,7 +98,9 @@ class Inversion:
         t = torch.randint(self.noise.config.num_train_timesteps, (s.batch_size,), generator=g).to(self.device)
         eps = torch.randn(latents.shape, generator=g).to(self.device)
         x_t = self.noise.add_noise(latents, eps, t)
-        context = encode_with_token(self.pipe.text_encoder, self.ids[template], self.where[template], self.vector)
+        enc = self.pipe.text_encoder
+        with learned_token(enc, self.vector, self.pipe.tokenizer.bos_token_id):
+            context = enc(self.ids[template])[0]
         unet = self.pipe.unet
         pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype), return_dict=False)[0]
         loss = F.mse_loss(pred.float(), eps)
@@ -192,11 +165,11 @@ def prompts(prop: str, fill: str) -> list[str]:
 
 class learned_token:
     """Within the block, the text encoder reads ``MARKER`` in a prompt (a start-of-text id after position
-    0, which real prompts never have) as the learned token ``vector``: any code that encodes text, the
-    generation engine included, sees the attack's prompts."""
+    0, which real prompts never have) as the learned token ``vector`` (differentiable in it): the
+    inversion's training steps and any code that encodes text, the generation engine included."""
 
     def __init__(self, text_encoder, vector: torch.Tensor, bos_id: int):
-        self.table, self.vector, self.bos_id = text_encoder.get_input_embeddings(), vector.detach(), bos_id
+        self.table, self.vector, self.bos_id = text_encoder.get_input_embeddings(), vector, bos_id
 
     def __enter__(self):
         marks = {}

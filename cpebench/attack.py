@@ -423,7 +423,7 @@ def run_cce(cfg: RunConfig, *, settings=None, steps: int | None = None, progress
         rates = {}
         for which, fill in (("pre", name), ("post", C.MARKER)):
             eval_rows = rows(C.prompts(settings.prop, fill), settings.eval_images)
-            with C.learned_token(pipe.text_encoder, inv.vector, pipe.tokenizer.bos_token_id):
+            with C.learned_token(pipe.text_encoder, inv.vector.detach(), pipe.tokenizer.bos_token_id):
                 images = engine.denoise(work_items(eval_rows, [r.prompt for r in eval_rows], cfg.protocol.guidance))[0]
             paths = []
             for r, px in zip(eval_rows, images):
