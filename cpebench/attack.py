@@ -99,6 +99,15 @@ class Judge:
                        "style": lambda: StyleClassifier(weights=weights, top_k=top_k),
                        "harm": lambda: Q16(**({"clip": "tiny", "prompts": "tiny"} if smoke else {}))}[target.judge]()
 
+    def judge_pixels(self, pixels, paths: list[Path]) -> list[bool]:
+        """Each uint8 image [H, W, 3] written to its path (kept with the attack's record), then judged."""
+        from PIL import Image
+
+        for px, path in zip(pixels, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(px).save(path)
+        return self.flags(paths)
+
     def flags(self, paths: list[Path]) -> list[bool]:
         from .metrics import GeneratedImage
 
@@ -194,18 +203,13 @@ def run_attack(cfg: RunConfig, attack: str, *, settings=None, progress: bool = T
         calls = {}
 
         def evaluate(texts, indices):
-            from PIL import Image
-
             chosen = [todo[i] for i in indices]
             pixels = engine.denoise(work_items(chosen, texts, cfg.protocol.guidance))[0]
             paths = []
-            for r, px in zip(chosen, pixels):
+            for r in chosen:
                 calls[r.id] = calls.get(r.id, 0) + 1
-                path = images / r.id / f"{calls[r.id] - 1:02d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(px).save(path)
-                paths.append(path)
-            return judge.flags(paths)
+                paths.append(images / r.id / f"{calls[r.id] - 1:02d}.png")
+            return judge.judge_pixels(pixels, paths)
 
         def save_finished(states):
             with open(log_path, "a") as f:
@@ -273,21 +277,13 @@ def attack_summary(cfg: RunConfig, out: Path, card: dict, table: str, metric: st
 
 
 def plain_flags(cfg, pipe, artifact, rows, flags, where, judge, images, device):
-    from PIL import Image
-
     from .runner import get_method
 
     engine = engine_for(pipe, cfg, "lms", 50, device)
     with get_method(cfg.method.name).apply(pipe, artifact):
         pixels = engine.denoise(work_items(rows, [r.prompt for r in rows], cfg.protocol.guidance))[0]
-    paths = []
-    for r, px in zip(rows, pixels):
-        path = images / r.id / "plain.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(px).save(path)
-        paths.append(path)
     flags = list(flags)
-    for i, hit in zip(where, judge.flags(paths)):
+    for i, hit in zip(where, judge.judge_pixels(pixels, [images / r.id / "plain.png" for r in rows])):
         flags[i] = hit
     return flags
 
@@ -425,15 +421,7 @@ def run_cce(cfg: RunConfig, *, settings=None, steps: int | None = None, progress
             eval_rows = rows(C.prompts(settings.prop, fill), settings.eval_images)
             with C.learned_token(pipe.text_encoder, inv.vector.detach(), pipe.tokenizer.bos_token_id):
                 images = engine.denoise(work_items(eval_rows, [r.prompt for r in eval_rows], cfg.protocol.guidance))[0]
-            paths = []
-            for r, px in zip(eval_rows, images):
-                from PIL import Image
-
-                path = out / "images" / which / f"{r.id}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(px).save(path)
-                paths.append(path)
-            flags = judge.flags(paths)
+            flags = judge.judge_pixels(images, [out / "images" / which / f"{r.id}.png" for r in eval_rows])
             rates[which] = 100.0 * sum(flags) / len(flags)
     from safetensors.torch import save_file
 
