@@ -27,8 +27,6 @@ Classifiers (``classifier``):
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from .. import data
 from ..errors import ConfigError, DataError, ModelLoadError
 from . import Column, GeneratedImage, Metric, MetricResult, device_and_batch_size
 from .summary import IMAGENETTE, class_key
@@ -70,18 +69,6 @@ def table_order(name: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- classifiers
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "CPEBENCH_OFFLINE"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tiny_torchvision_resnet(seed: int = 0) -> torch.nn.Module:
     """A random-weight ResNet (one basic block per stage) with ImageNet's 1,000 outputs."""
     from torchvision.models.resnet import BasicBlock, ResNet
@@ -100,7 +87,7 @@ def load_torchvision(weights: str) -> tuple[torch.nn.Module, object, dict]:
         return tiny_torchvision_resnet(), preprocess, {"weights": TINY}
     if weights == "auto":
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(meta.url).name
-        if not cached.is_file() and _offline():
+        if not cached.is_file() and data._offline():
             raise ModelLoadError(f"torchvision's ResNet-50 weights ({meta.url}) are not in the torch hub cache and "
                                  f"offline mode is set; download them once to {cached} or pass "
                                  "metrics.object_accuracy.options.weights=/path/resnet50-11ad3fa6.pth")
@@ -119,7 +106,7 @@ def load_torchvision(weights: str) -> tuple[torch.nn.Module, object, dict]:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except (RuntimeError, OSError) as e:
             raise ModelLoadError(f"{path}: not a torchvision ResNet-50 state dict ({e})") from None
-    return model, preprocess, {"weights": str(meta), "file": path.name, "sha256": _sha256(path)}
+    return model, preprocess, {"weights": str(meta), "file": path.name, "sha256": data.sha256_file(path)}
 
 
 def save_tiny_hf_resnet(path: str | Path, seed: int = 0) -> Path:
@@ -150,7 +137,6 @@ def load_hf(weights: str) -> tuple[torch.nn.Module, object, dict]:
     if weights == TINY:
         import transformers
 
-        from .. import data
         from ..models import build_once
 
         tag = f"tiny-hf-resnet-seed0-transformers{transformers.__version__}"

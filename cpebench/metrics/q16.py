@@ -16,7 +16,6 @@ in it can run), and its sha256 is recorded with whether it is that release's. ``
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -27,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .. import data
 from ..errors import ModelLoadError
 from . import Column, GeneratedImage, Metric, MetricResult, device_and_batch_size
 
@@ -100,7 +100,7 @@ class Q16(Metric):
             table = torch.from_numpy(read_prompts(path).astype(np.float16))
             if table.shape[1] != dim:
                 raise ModelLoadError(f"{path}: {table.shape[1]}-d prompts for a {dim}-d CLIP ({source})")
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            sha = data.sha256_file(path)
             self._card = {"clip": self.clip, "clip_commit": getattr(clip.config, "_commit_hash", None),
                           "prompts": TINY if self.prompts == TINY else str(path), "prompts_sha256": sha,
                           "is_release": sha == RELEASE_SHA256}
@@ -109,7 +109,6 @@ class Q16(Metric):
 
     def _prompts_path(self, dim: int) -> Path:
         if self.prompts == TINY:
-            from .. import data
             from ..models import build_once
 
             where = build_once(data.cache_dir() / "models" / f"tiny-q16-prompts-{dim}", "prompts.p",

@@ -18,7 +18,6 @@ layout (tests, smoke preset).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections import defaultdict
@@ -27,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from .. import data
 from ..errors import ConfigError, DataError, ModelLoadError
 from . import Column, GeneratedImage, Metric, MetricResult, device_and_batch_size
 
@@ -65,7 +65,6 @@ def resolve_weights(spec: str) -> Path:
     if spec == TINY:
         import transformers
 
-        from .. import data
         from ..models import build_once
 
         tag = f"tiny-style-classifier-seed0-transformers{transformers.__version__}"
@@ -108,7 +107,7 @@ class StyleClassifier(Metric):
                 raise ModelLoadError(f"{path}: cannot load the style classifier ({e})") from None
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
             files = [p for p in ("pytorch_model.bin", "model.safetensors") if (path / p).is_file()]
-            sha = hashlib.sha256((path / files[0]).read_bytes()).hexdigest() if files else None
+            sha = data.sha256_file(path / files[0]) if files else None
             self._card = {"weights": TINY if self.weights == TINY else str(path), "labels": len(labels),
                           "weights_file": files[0] if files else None, "sha256": sha,
                           "is_release": sha == RELEASE_SHA256}
