@@ -168,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"seconds": time.perf_counter() - start, "bank_seconds": meta["train"]["bank_seconds"],
                       "mean_loss": sum(meta["train"]["loss_mean_per_50"]) / len(meta["train"]["loss_mean_per_50"])}
     base = rows["official"]["seconds"]
-    for name, r in rows.items():
-        r["s_per_iteration"] = r["seconds"] / args.iterations
-        r["speedup_vs_official"] = base / r["seconds"]
+    table = [{"run": name, **r, "s_per_iteration": r["seconds"] / args.iterations, "speedup": base / r["seconds"]}
+             for name, r in rows.items()]
     figures = {"model": args.model, "device": args.device, "iterations": args.iterations, "warmup": args.warmup,
-               "attack_step": args.attack_step, "ddim_steps": args.ddim_steps, "runs": rows}
+               "attack_step": args.attack_step, "ddim_steps": args.ddim_steps, "rows": table}
     print(json.dumps(figures, indent=1))
     if args.json:
         with open(args.json, "w") as f:
