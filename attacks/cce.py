@@ -112,19 +112,15 @@ class Inversion:
         return self.losses[-1]
 
     def state(self) -> dict[str, torch.Tensor]:
-        st = self.opt.state[self.vector]
-        return {"vector": self.vector.detach(), "rng": self.gen.get_state(),
-                **({"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "opt_step": st["step"].reshape(1)}
-                   if st else {})}
+        from cpebench.methods.common import training_tensors
+
+        return {**training_tensors(self.opt, {"vector": self.vector}), "rng": self.gen.get_state()}
 
     def restore(self, tensors: dict[str, torch.Tensor], step_done: int, losses: list[float]) -> None:
-        with torch.no_grad():
-            self.vector.copy_(tensors["vector"])
+        from cpebench.methods.common import restore_training
+
+        restore_training(self.opt, {"vector": self.vector}, tensors)
         self.gen.set_state(tensors["rng"])
-        if "exp_avg" in tensors:
-            self.opt.state[self.vector] = {"step": tensors["opt_step"].reshape(()).clone(),
-                                           "exp_avg": tensors["exp_avg"].to(self.device),
-                                           "exp_avg_sq": tensors["exp_avg_sq"].to(self.device)}
         self.step_done, self.losses = step_done, list(losses)
 
 
